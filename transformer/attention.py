@@ -1,0 +1,153 @@
+"""Scaled dot-product attention, multi-head attention and the key/value cache.
+
+Mask convention (the only one in this package): a mask is a bool tensor in which
+True means "this query may attend to this key". It is the convention of
+``torch.nn.functional.scaled_dot_product_attention``; beware that
+``torch.nn.Transformer`` uses the opposite one. Masks are built in
+``transformer.batching`` and broadcast against scores of shape (B, h, T_q, T_k).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None = None,
+    dropout: nn.Module | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Compute softmax(Q Kᵀ / √d_k) V explicitly, as the article writes it.
+
+    Dividing by √d_k keeps the scores at unit variance: for q and k with independent
+    unit-variance components, q·k is a sum of d_k unit-variance terms, so its variance
+    is d_k, and large scores would push the softmax into regions with tiny gradients.
+
+    Args:
+        query, key, value: projected inputs.
+        mask: bool, True = may attend; broadcastable to (..., T_q, T_k).
+        dropout: applied to the attention weights.
+
+    Returns:
+        The attended values and the attention weights.
+
+    Shape:
+        query (..., T_q, d_k), key (..., T_k, d_k), value (..., T_k, d_v) ->
+        (..., T_q, d_v) and (..., T_q, T_k).
+    """
+    d_k = query.size(-1)
+    scores = query @ key.transpose(-2, -1) / math.sqrt(d_k)  # (..., T_q, T_k)
+    if mask is not None:
+        # The most negative finite value rather than -inf: a fully masked row then
+        # gives a uniform distribution instead of NaN.
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    p_attn = scores.softmax(dim=-1)
+    if dropout is not None:
+        p_attn = dropout(p_attn)
+    return p_attn @ value, p_attn
+
+
+@dataclass
+class KVCache:
+    """Keys and values one attention sublayer has already computed.
+
+    The cache lives outside the module: the caller creates it, passes it in and keeps
+    it, so the modules themselves hold no state between calls.
+
+    Attributes:
+        k, v: projected keys and values, (B, h, T, d_k); None until the first call.
+        static: True for encoder-decoder attention, whose keys and values come from
+            the encoder output and are computed once; False for self-attention, whose
+            keys and values grow by the new positions at every call.
+    """
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+    static: bool = False
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep the batch rows ``index`` (in that order), e.g. after a beam step."""
+        if self.k is not None:
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
+
+
+class MultiHeadedAttention(nn.Module):
+    """h parallel attention heads over d_model / h dimensions each.
+
+    Args:
+        h: number of heads; must divide d_model.
+        d_model: model width.
+        dropout: dropout on the attention weights (the reference always used 0.1 here,
+            whatever the model's dropout; this one follows the argument).
+        use_sdpa: use ``F.scaled_dot_product_attention`` (fused kernels); otherwise the
+            explicit ``attention()`` above, which also yields the weights.
+    """
+
+    def __init__(self, h: int, d_model: int, dropout: float = 0.1, use_sdpa: bool = True):
+        super().__init__()
+        if d_model % h != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by the number of heads h ({h})")
+        self.d_k = d_model // h
+        self.h = h
+        # Query, key, value and output projections, in the reference's order.
+        self.linears = nn.ModuleList([nn.Linear(d_model, d_model) for _ in range(4)])
+        self.dropout_p = dropout
+        self.dropout = nn.Dropout(dropout)
+        self.use_sdpa = use_sdpa
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.h, self.d_k).transpose(1, 2)  # (B, h, T, d_k)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Attend from ``query`` to ``key``/``value``.
+
+        Args:
+            query: (B, T_q, d_model).
+            key, value: (B, T_k, d_model). With a static cache that is already filled
+                they are not looked at.
+            mask: bool, True = may attend; (B, T_q, T_k) or (B, 1, T_k), or None.
+                With a self-attention cache, T_k counts the cached positions too.
+            cache: keys and values from earlier calls, updated in place.
+
+        Shape:
+            returns (B, T_q, d_model).
+        """
+        q = self._split_heads(self.linears[0](query))  # (B, h, T_q, d_k)
+        if cache is not None and cache.static and cache.k is not None:
+            k, v = cache.k, cache.v
+        else:
+            k = self._split_heads(self.linears[1](key))  # (B, h, T_k, d_k)
+            v = self._split_heads(self.linears[2](value))
+            if cache is not None:
+                if cache.k is not None:  # self-attention: append the new positions
+                    k = torch.cat([cache.k, k], dim=2)
+                    v = torch.cat([cache.v, v], dim=2)
+                cache.k, cache.v = k, v
+        if mask is not None:
+            mask = mask.unsqueeze(1)  # same mask for every head: (B, 1, T_q or 1, T_k)
+
+        if self.use_sdpa:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
+            )
+        else:
+            x, _ = attention(q, k, v, mask=mask, dropout=self.dropout)
+        b, _, t, _ = x.shape
+        x = x.transpose(1, 2).reshape(b, t, self.h * self.d_k)  # (B, T_q, d_model)
+        return self.linears[3](x)

@@ -1,0 +1,99 @@
+"""Batches and the masks built from them.
+
+Every mask in this package is a bool tensor in which True means "may attend"
+(the convention of ``F.scaled_dot_product_attention``). They are all made here:
+
+* source mask (B, 1, S): True on real source tokens, False on padding;
+* target mask (B, T, T): True where the key is not padding and not in the future.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def subsequent_mask(size: int, device: torch.device | str | None = None) -> Tensor:
+    """Mask out future positions: position i may attend to positions 0..i.
+
+    Shape:
+        returns (1, size, size), bool, True on and below the diagonal.
+    """
+    return torch.ones(1, size, size, dtype=torch.bool, device=device).tril()
+
+
+def padding_mask(tokens: Tensor, pad: int) -> Tensor:
+    """True on real tokens. Shape: (B, T) -> (B, 1, T)."""
+    return (tokens != pad).unsqueeze(-2)
+
+
+def target_mask(tgt: Tensor, pad: int) -> Tensor:
+    """Hide padding and future words. Shape: (B, T) -> (B, T, T)."""
+    return padding_mask(tgt, pad) & subsequent_mask(tgt.size(-1), device=tgt.device)
+
+
+@dataclass
+class Batch:
+    """One batch of padded sentence pairs, with its masks.
+
+    ``tgt`` as given starts with ``<s>``; the decoder reads ``tgt_in`` (all but the last
+    token) and learns to predict ``tgt_out`` (all but the first), i.e. the next token
+    at every position. ``ntokens`` counts the non-padding target tokens and is a plain
+    int computed where the batch is built, so reading it never waits for a device.
+
+    Shape:
+        src (B, S), src_mask (B, 1, S), tgt_in and tgt_out (B, T), tgt_mask (B, T, T).
+    """
+
+    src: Tensor
+    src_mask: Tensor
+    tgt_in: Tensor | None = None
+    tgt_out: Tensor | None = None
+    tgt_mask: Tensor | None = None
+    ntokens: int = 0
+
+    @classmethod
+    def make(cls, src: Tensor, tgt: Tensor | None = None, pad: int = 0) -> "Batch":
+        """Build a batch (and its masks) from padded source and target ids."""
+        if tgt is None:
+            return cls(src=src, src_mask=padding_mask(src, pad))
+        tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
+        return cls(
+            src=src,
+            src_mask=padding_mask(src, pad),
+            tgt_in=tgt_in,
+            tgt_out=tgt_out,
+            tgt_mask=target_mask(tgt_in, pad),
+            ntokens=int((tgt_out != pad).sum()),
+        )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """Move every tensor to ``device``."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return Batch(
+            src=move(self.src),
+            src_mask=move(self.src_mask),
+            tgt_in=move(self.tgt_in),
+            tgt_out=move(self.tgt_out),
+            tgt_mask=move(self.tgt_mask),
+            ntokens=self.ntokens,
+        )
+
+    @property
+    def size(self) -> int:
+        """Number of sentence pairs."""
+        return self.src.size(0)
+
+
+def pad_sequences(seqs: list[list[int]], pad: int) -> Tensor:
+    """Right-pad lists of ids into a (B, max_len) long tensor."""
+    width = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), width), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out

@@ -1,0 +1,124 @@
+"""Checkpoints: one self-describing file of plain tensors and Python values.
+
+A checkpoint is a dict that ``torch.load(weights_only=True)`` reads without running
+any code: the model's weights, the resolved config, the tokenizer's state, and the
+training state. It is written atomically, so a crash during a save never leaves a
+half-written file under the real name.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transformer.config import Config, ConfigError, ModelConfig, from_dict
+from transformer.model import EncoderDecoder, make_model
+from transformer.tokenize import Tokenizer, tokenizer_from_state
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "config", "model", "tokenizer")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then
+    rename it over ``path``: readers see the old file or the whole new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (plus the format version) to ``path`` atomically."""
+    state = {"format_version": FORMAT_VERSION, **state}
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint safely (no code runs) and check that it is one of ours.
+
+    Raises:
+        CheckpointError: naming the file, when it is missing, unreadable, not a
+            checkpoint, incomplete, or of a newer format than this code knows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, corrupt or foreign file: {first_line})") from e
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no format_version)")
+    version = state["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {version!r} is newer than this code reads ({FORMAT_VERSION}); upgrade the package"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return state
+
+
+def build_model(cfg: ModelConfig, tokenizer: Tokenizer) -> EncoderDecoder:
+    """``make_model`` with the sizes the tokenizer dictates."""
+    if cfg.tie_embeddings and not tokenizer.shared_vocab:
+        raise ConfigError(
+            "'model.tie_embeddings' needs one vocabulary shared by source and target, "
+            f"but the {tokenizer.kind} tokenizer keeps one per side"
+        )
+    return make_model(
+        tokenizer.src_vocab_size,
+        tokenizer.tgt_vocab_size,
+        N=cfg.N,
+        d_model=cfg.d_model,
+        d_ff=cfg.d_ff,
+        h=cfg.h,
+        dropout=cfg.dropout,
+        norm=cfg.norm,
+        attention=cfg.attention,
+        tie_embeddings=cfg.tie_embeddings,
+        max_len=cfg.max_len,
+    )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[EncoderDecoder, Tokenizer, Config]:
+    """Rebuild the model, tokenizer and config stored in a checkpoint (eval mode)."""
+    state = load_checkpoint(path)
+    try:
+        cfg = from_dict(state["config"])
+        tokenizer = tokenizer_from_state(state["tokenizer"])
+        model = build_model(cfg.model, tokenizer)
+        model.load_state_dict(state["model"])
+    except (ConfigError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: checkpoint does not describe a usable model ({e})") from e
+    return model.to(device).eval(), tokenizer, cfg

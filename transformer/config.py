@@ -1,0 +1,287 @@
+"""Typed configuration: frozen dataclasses, YAML files and dotted overrides.
+
+The dataclasses below are the single source of defaults. A YAML file in ``configs/``
+maps onto them one to one; ``--set train.warmup=400`` overrides one field and is
+coerced to that field's type. An unknown key or a value of the wrong type is a
+``ConfigError`` that names the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network (``make_model``'s arguments)."""
+
+    N: int = 6  # layers in the encoder and in the decoder
+    d_model: int = 512
+    d_ff: int = 2048
+    h: int = 8  # attention heads
+    dropout: float = 0.1
+    norm: Literal["pre", "post"] = "pre"  # pre-norm (the reference) or post-norm (the paper)
+    attention: Literal["sdpa", "explicit"] = "sdpa"
+    tie_embeddings: bool = False  # one matrix for source, target and generator; needs a shared vocabulary
+    max_len: int = 1024  # longest sequence the positional table covers
+
+
+@dataclass(frozen=True)
+class CopyTaskConfig:
+    """The article's synthetic task: copy a random sequence of symbols."""
+
+    vocab_size: int = 11  # padding (0) and symbols 1..vocab_size-1; 1 doubles as <s>
+    min_len: int = 10  # sequence lengths are drawn from [min_len, seq_len]
+    seq_len: int = 10
+    batch_size: int = 80  # sequences per batch
+    train_batches: int = 20  # batches per epoch
+    valid_batches: int = 5
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What to train on."""
+
+    task: Literal["copy"] = "copy"
+    copy: CopyTaskConfig = field(default_factory=CopyTaskConfig)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation and the run."""
+
+    seed: int = 1234
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype; fp16 only on CUDA
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps
+    accum_steps: int = 1  # micro-batches per optimizer step (gradients are token-averaged)
+    clip_grad_norm: float | None = None
+    label_smoothing: float = 0.1
+    lr_factor: float = 1.0  # the Noam schedule's factor
+    warmup: int = 4000  # optimizer steps to the schedule's peak
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-9
+    weight_decay: float = 0.0
+    log_every: int = 10  # refresh the progress bar's figures every N steps
+    run_dir: str | None = None  # default: a new folder under runs_root
+    runs_root: str = "runs"
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Decoding (translation)."""
+
+    max_len_a: float = 1.5  # generate at most a·source_length + b tokens
+    max_len_b: int = 10
+    batch_size: int = 64  # sentences decoded together
+    cache: bool = True  # False: recompute the whole prefix at every step, as the reference
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+def _suggest(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert where that is lossless."""
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping of its fields, got {value!r}")
+        return _build(tp, value, key)
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"'{key}' has an invalid value {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = ", ".join(repr(a) for a in get_args(tp))
+            raise ConfigError(f"'{key}' must be one of {choices}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"'{key}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"'{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for '{key}'")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            known = [f"{prefix}.{n}" if prefix else n for n in names]
+            raise ConfigError(f"unknown key '{full}'{_suggest(full, known)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _check(cfg: Config) -> None:
+    """Constraints between fields, each reported under the key to change."""
+    m, t = cfg.model, cfg.train
+    positive = {
+        "model.N": m.N, "model.d_model": m.d_model, "model.d_ff": m.d_ff, "model.h": m.h,
+        "model.max_len": m.max_len, "train.accum_steps": t.accum_steps, "train.warmup": t.warmup,
+        "train.epochs": t.epochs, "train.log_every": t.log_every, "decode.batch_size": cfg.decode.batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"'{key}' must be at least 1, got {value}")
+    if m.d_model % m.h:
+        raise ConfigError(f"'model.h' ({m.h}) must divide model.d_model ({m.d_model})")
+    if m.d_model % 2:
+        raise ConfigError(f"'model.d_model' must be even for sinusoidal positions, got {m.d_model}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"'model.dropout' must be in [0, 1), got {m.dropout}")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise ConfigError(f"'train.label_smoothing' must be in [0, 1), got {t.label_smoothing}")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"'train.max_steps' must be at least 1 (or null), got {t.max_steps}")
+    c = cfg.data.copy
+    if c.vocab_size < 3:
+        raise ConfigError(f"'data.copy.vocab_size' must be at least 3, got {c.vocab_size}")
+    if not 1 <= c.min_len <= c.seq_len:
+        raise ConfigError(f"'data.copy.min_len' must be in [1, data.copy.seq_len], got {c.min_len}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"train.warmup=400"`` into (["train", "warmup"], 400); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the text, and let the field's type judge it
+    return key.strip().split("."), value
+
+
+def _apply(data: dict, path: list[str], value: Any, source: str) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: '{'.'.join(path[: i + 1])}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _string_fields(cls: type, prefix: str = "") -> set[str]:
+    """Dotted names of the fields whose type admits a string (to keep "2024" a string)."""
+    out = set()
+    for f in dataclasses.fields(cls):
+        tp = get_type_hints(cls)[f.name]
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out |= _string_fields(tp, name + ".")
+        elif tp is str or str in get_args(tp):
+            out.add(name)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or start from the defaults) and apply dotted overrides.
+
+    Raises:
+        ConfigError: naming the file or override, and the key at fault.
+    """
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from e
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        try:
+            _check(_build(Config, data))
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    strings = _string_fields(Config)
+    for text in overrides:
+        keys, value = parse_override(text)
+        if ".".join(keys) in strings and not isinstance(value, str) and value is not None:
+            value = text.partition("=")[2].strip()  # run_dir=2024 means the folder "2024"
+        _apply(data, keys, value, f"--set {text}")
+        try:
+            _check(_build(Config, data))
+        except ConfigError as e:
+            raise ConfigError(f"--set {text}: {e}") from None
+    return _build(Config, data)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict (lists, not tuples) for YAML files and checkpoints."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a ``Config`` from ``to_dict``'s output (e.g. from a checkpoint)."""
+    cfg = _build(Config, data)
+    _check(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

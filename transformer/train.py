@@ -1,0 +1,207 @@
+"""The training loop: small enough to read in one sitting, and ignorant of the task.
+
+It is given a model, a way to get each epoch's batches and the validation batches,
+and a ``TrainConfig``; it owns the loss, the optimizer and the schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from transformer.batching import Batch
+from transformer.config import TrainConfig
+from transformer.loss import LabelSmoothing
+from transformer.model import EncoderDecoder
+from transformer.schedule import make_scheduler
+from transformer.utils import MetricsLog, autocast
+
+log = logging.getLogger(__name__)
+
+
+def chunks(items: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+    """Group micro-batches for one optimizer step each (the last group may be smaller)."""
+    it = iter(items)
+    while group := list(islice(it, size)):
+        yield group
+
+
+@dataclass
+class EpochSummary:
+    epoch: int  # 1-based
+    step: int  # optimizer steps so far
+    train_loss: float  # label-smoothed KL per target token
+    valid_loss: float | None
+    lr: float
+    tokens_per_s: float
+    seconds: float
+
+
+class Trainer:
+    """Optimise ``model`` with label smoothing, Adam and the Noam schedule.
+
+    Args:
+        model: the network; its generator gives log-probabilities.
+        cfg: the training section of the config.
+        pad_id: target padding id (ignored by the loss).
+        device: where the batches go.
+        metrics: optional JSON-lines log of per-epoch figures.
+    """
+
+    def __init__(
+        self,
+        model: EncoderDecoder,
+        cfg: TrainConfig,
+        pad_id: int,
+        device: torch.device,
+        metrics: MetricsLog | None = None,
+    ):
+        self.model = model
+        self.cfg = cfg
+        self.device = device
+        self.metrics = metrics
+        self.vocab_size = model.generator.proj.out_features
+        self.criterion = LabelSmoothing(self.vocab_size, pad_id, cfg.label_smoothing)
+        # Base lr 1: the scheduler's factor sets the actual rate.
+        self.optimizer = torch.optim.Adam(
+            model.parameters(), lr=1.0, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        )
+        d_model = model.src_embed[0].d_model
+        self.scheduler = make_scheduler(self.optimizer, d_model, cfg.lr_factor, cfg.warmup)
+        autocast(device, cfg.amp)  # fail now, not at the first step, on an impossible setting
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.step = 0  # optimizer steps taken
+        self.epoch = 0  # epochs completed
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @property
+    def done(self) -> bool:
+        max_steps = self.cfg.max_steps
+        return self.epoch >= self.cfg.epochs or (max_steps is not None and self.step >= max_steps)
+
+    def loss(self, batch: Batch) -> Tensor:
+        """The summed label-smoothed loss of one batch (already on the device)."""
+        with autocast(self.device, self.cfg.amp):
+            out = self.model(batch.src, batch.tgt_in, batch.src_mask, batch.tgt_mask)
+            log_probs = self.model.generator(out)  # (B, T, V), float32
+        return self.criterion(log_probs.reshape(-1, self.vocab_size), batch.tgt_out.reshape(-1))
+
+    def train_step(self, group: list[Batch]) -> tuple[Tensor, int]:
+        """One optimizer step over a group of micro-batches.
+
+        Each micro-batch's summed loss is divided by the target tokens of the whole
+        group, so the accumulated gradient is the token average over the group, the
+        same as one batch holding all of it.
+
+        Returns:
+            The summed loss (a detached tensor: no device sync here) and the token count.
+        """
+        ntokens = sum(b.ntokens for b in group)
+        total = torch.zeros((), device=self.device)
+        if ntokens == 0:
+            return total, 0
+        for batch in group:
+            loss = self.loss(batch.to(self.device, non_blocking=True))
+            self.scaler.scale(loss / ntokens).backward()
+            total += loss.detach()
+        if self.cfg.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # once per optimizer step, not per micro-batch
+        self.step += 1
+        return total, ntokens
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[Batch]) -> float:
+        """Label-smoothed loss per target token over ``batches``, in eval mode."""
+        was_training = self.model.training
+        self.model.eval()
+        total, ntokens = torch.zeros((), device=self.device), 0
+        for batch in batches:
+            total += self.loss(batch.to(self.device))
+            ntokens += batch.ntokens
+        self.model.train(was_training)
+        return total.item() / max(ntokens, 1)
+
+    def train_epoch(self, batches: Iterable[Batch]) -> tuple[float, int, float]:
+        """Run one epoch (or until max_steps). Returns (loss per token, tokens, seconds)."""
+        self.model.train()
+        n_batches = len(batches) if hasattr(batches, "__len__") else None
+        steps = math.ceil(n_batches / self.cfg.accum_steps) if n_batches is not None else None
+        bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", unit="step", disable=None, leave=False)
+        start = time.perf_counter()
+        epoch_loss, epoch_tokens = torch.zeros((), device=self.device), 0
+        window_loss, window_tokens, window_start = torch.zeros((), device=self.device), 0, start
+        for group in chunks(batches, self.cfg.accum_steps):
+            loss, ntokens = self.train_step(group)
+            epoch_loss += loss
+            window_loss += loss
+            epoch_tokens += ntokens
+            window_tokens += ntokens
+            bar.update(1)
+            if self.step % self.cfg.log_every == 0:  # the only host sync in the loop
+                now = time.perf_counter()
+                bar.set_postfix(
+                    loss=f"{window_loss.item() / max(window_tokens, 1):.3f}",
+                    lr=f"{self.lr:.2e}",
+                    tok_s=f"{window_tokens / (now - window_start):.0f}",
+                )
+                window_loss, window_tokens, window_start = torch.zeros((), device=self.device), 0, now
+            if self.done:
+                break
+        bar.close()
+        seconds = time.perf_counter() - start
+        return epoch_loss.item() / max(epoch_tokens, 1), epoch_tokens, seconds
+
+    def fit(
+        self,
+        train_batches: Callable[[int], Iterable[Batch]],
+        valid_batches: Callable[[], Iterable[Batch]] | None = None,
+        on_epoch_end: Callable[["Trainer", EpochSummary], None] | None = None,
+    ) -> list[EpochSummary]:
+        """Train until ``cfg.epochs`` epochs or ``cfg.max_steps`` steps.
+
+        Args:
+            train_batches: epoch index (0-based) -> that epoch's batches.
+            valid_batches: () -> the validation batches, evaluated after each epoch.
+            on_epoch_end: called after each epoch (e.g. to save a checkpoint).
+        """
+        summaries = []
+        while not self.done:
+            train_loss, tokens, seconds = self.train_epoch(train_batches(self.epoch))
+            self.epoch += 1
+            valid_loss = self.evaluate(valid_batches()) if valid_batches is not None else None
+            summary = EpochSummary(
+                epoch=self.epoch,
+                step=self.step,
+                train_loss=train_loss,
+                valid_loss=valid_loss,
+                lr=self.lr,
+                tokens_per_s=tokens / max(seconds, 1e-9),
+                seconds=seconds,
+            )
+            summaries.append(summary)
+            valid_text = f", valid loss {valid_loss:.4f}" if valid_loss is not None else ""
+            log.info(
+                "epoch %d: step %d, train loss %.4f%s, lr %.2e, %.0f target tokens/s, %.1f s",
+                summary.epoch, summary.step, train_loss, valid_text, summary.lr, summary.tokens_per_s, seconds,
+            )
+            if self.metrics is not None:
+                self.metrics.write(kind="epoch", **summary.__dict__)
+            if on_epoch_end is not None:
+                on_epoch_end(self, summary)
+        return summaries

@@ -1,0 +1,64 @@
+"""Small helpers shared by training and translation: devices, precision, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transformer.config import ConfigError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" picks CUDA when it is available, else the CPU; anything else is checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"'train.device': unknown device {name!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"'train.device' is {name!r} but CUDA is not available here")
+    return device
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass: bf16 on CPU or CUDA, fp16 on CUDA only."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("'train.amp': fp16 needs a CUDA device; use bf16 on the CPU")
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+class MetricsLog:
+    """Append one JSON object per line to a file (machine-readable training log)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def write(self, **record: Any) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> None:
+    """Log to stderr, and also to ``log_file`` when given."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    if not any(getattr(h, "_transformer_console", False) for h in root.handlers):
+        console = logging.StreamHandler()
+        console.setFormatter(fmt)
+        console._transformer_console = True  # type: ignore[attr-defined]
+        root.addHandler(console)
+    if log_file is not None:
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
