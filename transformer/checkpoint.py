@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +72,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, corrupt or foreign file: {first_line})") from e
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"{path}: holds pickled Python objects, which are not loaded because loading them could run code"
+            ) from e
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, corrupt or foreign file)") from e
+    except Exception as e:  # a damaged file can fail anywhere inside the unpickler
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (truncated, corrupt or foreign file: {type(e).__name__})"
+        ) from e
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no format_version)")
     version = state["format_version"]

@@ -47,16 +47,16 @@ class LabelSmoothing(nn.Module):
             n * p * math.log(p) for n, p in ((1, self.confidence), (size - 2, self.other)) if p > 0
         )
 
-    def smoothed_targets(self, target: Tensor) -> Tensor:
+    def smoothed_targets(self, target: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
         """The (N, V) target distribution of the reference (``true_dist``)."""
-        dist = torch.full((target.size(0), self.size), self.other, device=target.device)
+        dist = torch.full((target.size(0), self.size), self.other, dtype=dtype, device=target.device)
         dist.scatter_(1, target.unsqueeze(1), self.confidence)
         dist[:, self.padding_idx] = 0
         dist[target == self.padding_idx] = 0
         return dist
 
     def forward(self, x: Tensor, target: Tensor) -> Tensor:
-        x = x.float()
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # never sum in half precision
         keep = target != self.padding_idx
         lp_target = x.gather(1, target.unsqueeze(1)).squeeze(1)
         lp_pad = x[:, self.padding_idx]

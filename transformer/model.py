@@ -259,14 +259,16 @@ class TokenEmbedding(nn.Sequential):
 
 
 class Generator(nn.Module):
-    """The final linear projection to the vocabulary, then log-softmax (in float32)."""
+    """The final linear projection to the vocabulary, then log-softmax (in at least float32,
+    so that under bf16/fp16 autocast the normalisation is not done in half precision)."""
 
     def __init__(self, d_model: int, vocab: int):
         super().__init__()
         self.proj = nn.Linear(d_model, vocab)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.log_softmax(self.proj(x).float(), dim=-1)
+        logits = self.proj(x)
+        return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 class EncoderDecoder(nn.Module):

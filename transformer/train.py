@@ -97,11 +97,11 @@ class Trainer:
             log_probs = self.model.generator(out)  # (B, T, V), float32
         return self.criterion(log_probs.reshape(-1, self.vocab_size), batch.tgt_out.reshape(-1))
 
-    def train_step(self, group: list[Batch]) -> tuple[Tensor, int]:
-        """One optimizer step over a group of micro-batches.
+    def accumulate(self, group: list[Batch]) -> tuple[Tensor, int]:
+        """Forward and backward over a group of micro-batches, adding to the gradients.
 
         Each micro-batch's summed loss is divided by the target tokens of the whole
-        group, so the accumulated gradient is the token average over the group, the
+        group, so the accumulated gradient is the token average over the group: the
         same as one batch holding all of it.
 
         Returns:
@@ -115,6 +115,10 @@ class Trainer:
             loss = self.loss(batch.to(self.device, non_blocking=True))
             self.scaler.scale(loss / ntokens).backward()
             total += loss.detach()
+        return total, ntokens
+
+    def optimizer_step(self) -> None:
+        """Clip, update the weights, clear the gradients and advance the schedule."""
         if self.cfg.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
@@ -123,7 +127,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # once per optimizer step, not per micro-batch
         self.step += 1
-        return total, ntokens
+
+    def train_step(self, group: list[Batch]) -> tuple[Tensor, int]:
+        """One optimizer step over a group of micro-batches; returns (summed loss, tokens)."""
+        loss, ntokens = self.accumulate(group)
+        if ntokens:
+            self.optimizer_step()
+        return loss, ntokens
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[Batch]) -> float:

@@ -1,0 +1,26 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def root() -> Path:
+    """The project's root folder (where train.py and configs/ are)."""
+    return ROOT
+
+
+def run_cli(script: str, *args: str, input: str | None = None, cwd: Path | None = None):
+    """Run one of the top-level scripts in a fresh interpreter; returns CompletedProcess."""
+    import subprocess
+
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        timeout=600,
+    )

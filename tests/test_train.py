@@ -1,0 +1,139 @@
+import math
+
+import pytest
+import torch
+
+from transformer.batching import Batch, pad_sequences
+from transformer.config import ConfigError, CopyTaskConfig, TrainConfig
+from transformer.copy_task import CopyTask, data_gen
+from transformer.model import make_model
+from transformer.schedule import rate
+from transformer.train import Trainer
+
+V = 11
+
+
+def tiny_model(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return make_model(V, V, N=1, d_model=32, d_ff=64, h=4, dropout=dropout)
+
+
+def make_batch(seqs):
+    """A copy batch (target = <s> + source) from lists of symbols."""
+    return Batch.make(pad_sequences(seqs, 0), pad_sequences([[1, *s] for s in seqs], 0), pad=0)
+
+
+def grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_batch_fields():
+    b = make_batch([[3, 4, 5], [6]])
+    assert b.tgt_in.tolist() == [[1, 3, 4], [1, 6, 0]]
+    assert b.tgt_out.tolist() == [[3, 4, 5], [6, 0, 0]]
+    assert b.ntokens == 4
+    assert b.src_mask.shape == (2, 1, 3) and b.src_mask.dtype == torch.bool
+    assert b.src_mask[1, 0].tolist() == [True, False, False]
+    # Row 1: no position may see the future nor the padding at position 2.
+    assert b.tgt_mask[1].tolist() == [[True, False, False], [True, True, False], [True, True, False]]
+
+
+def test_accumulated_gradient_is_the_token_average_of_one_big_batch():
+    """Two micro-batches of different token counts give the gradient of their union."""
+    a = [[3, 4, 5, 6, 7], [2, 2, 9, 3, 4]]
+    b = [[8, 9], [5, 3, 10], [7]]
+    cfg = TrainConfig(accum_steps=2)
+    m1, m2 = tiny_model(), tiny_model()
+    t1 = Trainer(m1, cfg, 0, torch.device("cpu"))
+    t2 = Trainer(m2, cfg, 0, torch.device("cpu"))
+    loss_split, n_split = t1.accumulate([make_batch(a), make_batch(b)])
+    loss_one, n_one = t2.accumulate([make_batch(a + b)])
+    assert n_split == n_one == 5 + 5 + 2 + 3 + 1
+    torch.testing.assert_close(loss_split, loss_one, rtol=1e-5, atol=1e-5)
+    for g1, g2 in zip(grads(m1), grads(m2)):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_schedule_steps_once_per_optimizer_step():
+    """With accumulation 3, seven micro-batches are three optimizer steps and three
+    schedule steps (the reference stepped the schedule per micro-batch)."""
+    cfg = TrainConfig(accum_steps=3, warmup=10, lr_factor=1.0, epochs=1, log_every=1)
+    model = tiny_model()
+    trainer = Trainer(model, cfg, 0, torch.device("cpu"))
+    batches = [make_batch([[3, 4, 5]]) for _ in range(7)]
+    trainer.fit(lambda epoch: batches)
+    assert trainer.step == 3
+    assert trainer.scheduler.last_epoch == 3
+    assert trainer.lr == pytest.approx(rate(3, 32, 1.0, 10))
+
+
+def test_max_steps_bounds_the_run():
+    cfg = TrainConfig(epochs=100, max_steps=4)
+    trainer = Trainer(tiny_model(), cfg, 0, torch.device("cpu"))
+    trainer.fit(lambda epoch: [make_batch([[3, 4]]) for _ in range(3)])
+    assert trainer.step == 4 and trainer.epoch == 2
+
+
+def test_evaluate_runs_without_grad_and_restores_train_mode():
+    model = tiny_model(dropout=0.1)
+    trainer = Trainer(model, TrainConfig(), 0, torch.device("cpu"))
+    model.train()
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append((torch.is_grad_enabled(), m.training)))
+    loss = trainer.evaluate([make_batch([[3, 4, 5]]), make_batch([[6, 7]])])
+    assert seen == [(False, False), (False, False)]
+    assert model.training
+    assert math.isfinite(loss) and loss > 0
+
+
+def test_clipping_bounds_the_gradient_norm():
+    cfg = TrainConfig(clip_grad_norm=1e-3)
+    model = tiny_model()
+    trainer = Trainer(model, cfg, 0, torch.device("cpu"))
+    trainer.accumulate([make_batch([[3, 4, 5, 6]])])
+    trainer.scaler.unscale_(trainer.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+    assert norm > cfg.clip_grad_norm  # the test is only meaningful if clipping does something
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert total <= cfg.clip_grad_norm * 1.01
+
+
+def test_bf16_autocast_trains_on_cpu():
+    """A bf16-autocast step runs on the CPU and lowers the loss on a fixed batch."""
+    cfg = TrainConfig(amp="bf16", warmup=5, lr_factor=1.0)
+    model = tiny_model()
+    trainer = Trainer(model, cfg, 0, torch.device("cpu"))
+    batch = make_batch([[3, 4, 5, 6, 7, 8]] * 8)
+    before = trainer.evaluate([batch])
+    for _ in range(20):
+        trainer.train_step([batch])
+    assert trainer.evaluate([batch]) < before
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fp16_on_cpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.amp"):
+        Trainer(tiny_model(), TrainConfig(amp="fp16"), 0, torch.device("cpu"))
+
+
+def test_copy_task_batches_are_reproducible_and_well_formed():
+    cfg = CopyTaskConfig(min_len=3, seq_len=10, batch_size=16, train_batches=4)
+    a = list(CopyTask(cfg, seed=7).train_batches(2))
+    b = list(CopyTask(cfg, seed=7).train_batches(2))
+    c = list(CopyTask(cfg, seed=7).train_batches(3))
+    assert len(a) == 4
+    assert all(torch.equal(x.src, y.src) for x, y in zip(a, b))
+    assert not all(torch.equal(x.src, y.src) for x, y in zip(a, c))
+    for batch in a:
+        lengths = (batch.src != 0).sum(1)
+        assert lengths.min() >= 3 and lengths.max() <= 10
+        assert (batch.tgt_in[:, 0] == 1).all()
+        # The target is the source: tgt_out equals src wherever the source is real.
+        real = batch.src != 0
+        assert torch.equal(batch.tgt_out[:, : batch.src.size(1)][real], batch.src[real])
+        assert batch.ntokens == int(real.sum())
+
+
+def test_data_gen_symbols_in_range():
+    batch = next(data_gen(CopyTaskConfig(), 1, torch.Generator().manual_seed(0)))
+    assert batch.src.min() >= 1 and batch.src.max() <= 10 and batch.src.shape == (80, 10)
