@@ -73,7 +73,15 @@ def run_training(cfg: Config, name: str = "run", demo_sentences: int = 5) -> Run
     """Train as ``cfg`` says, save ``last.pt`` after every epoch, then decode a few
     sentences with the result."""
     run_dir = new_run_dir(cfg, name)
-    setup_logging(run_dir / "train.log")
+    handler = setup_logging(run_dir / "train.log")
+    try:
+        return _run(cfg, run_dir, demo_sentences)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _run(cfg: Config, run_dir: Path, demo_sentences: int) -> RunResult:
     save_config(cfg, run_dir / "config.yaml")
     log.info("run directory: %s", run_dir)
     device = resolve_device(cfg.train.device)

@@ -48,8 +48,9 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> None:
-    """Log to stderr, and also to ``log_file`` when given."""
+def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> logging.Handler | None:
+    """Log to stderr, and also to ``log_file`` when given; returns that file's handler
+    (remove it with ``logging.getLogger().removeHandler`` when the run ends)."""
     root = logging.getLogger()
     root.setLevel(level)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -58,7 +59,9 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
         console.setFormatter(fmt)
         console._transformer_console = True  # type: ignore[attr-defined]
         root.addHandler(console)
-    if log_file is not None:
-        handler = logging.FileHandler(log_file, encoding="utf-8")
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
+    if log_file is None:
+        return None
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    return handler
