@@ -23,7 +23,7 @@ def tiny_run(tmp_path_factory):
 def test_train_writes_its_run_directory(tiny_run, root):
     run_dir, result = tiny_run
     assert result.stdout.strip() == str(run_dir)
-    for name in ("config.yaml", "last.pt", "metrics.jsonl", "train.log"):
+    for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "train.log"):
         assert (run_dir / name).is_file(), name
     # The resolved config, overrides included, is what the run used.
     written = load_config(run_dir / "config.yaml")
@@ -31,7 +31,7 @@ def test_train_writes_its_run_directory(tiny_run, root):
         "model.N=1", "model.d_model=32", "model.d_ff=64", "model.h=4", f"train.run_dir={run_dir}", "train.max_steps=3"
     ])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] == 3 and records[-1]["kind"] == "epoch"
+    assert [(r["kind"], r["step"]) for r in records] == [("epoch", 3), ("valid", 3)]
 
 
 def test_train_refuses_to_overwrite_a_run(tiny_run):

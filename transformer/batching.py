@@ -97,3 +97,53 @@ def pad_sequences(seqs: list[list[int]], pad: int) -> Tensor:
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
     return out
+
+
+def collate(src: list[list[int]], tgt: list[list[int]], pad: int) -> Batch:
+    """Pad id lists of source and target (with ``<s>``/``</s>``) into a ``Batch``."""
+    return Batch.make(pad_sequences(src, pad), pad_sequences(tgt, pad), pad=pad)
+
+
+def token_batches(
+    src_lens: list[int],
+    tgt_lens: list[int],
+    max_tokens: int,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Group example indices into batches that fit a token budget.
+
+    Examples are sorted by length (source, then target), so that a batch holds
+    sentences of similar lengths and little padding; consecutive examples are taken
+    while ``batch size × longest sequence`` (on either side, padding included) stays
+    within ``max_tokens``. With a ``generator``, ties in length are broken at random
+    and the batches come out in random order (a new order per epoch when the
+    generator is seeded per epoch); without one, the order is deterministic.
+
+    Every index appears in exactly one batch.
+
+    Raises:
+        ValueError: if a single example is longer than ``max_tokens``.
+    """
+    n = len(src_lens)
+    if len(tgt_lens) != n:
+        raise ValueError(f"{n} source lengths but {len(tgt_lens)} target lengths")
+    start = torch.randperm(n, generator=generator).tolist() if generator is not None else range(n)
+    # Python's sort is stable: equal lengths keep the random order drawn above.
+    order = sorted(start, key=lambda i: (src_lens[i], tgt_lens[i]))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        size = max(src_lens[i], tgt_lens[i])
+        if size > max_tokens:
+            raise ValueError(f"example {i} has {size} tokens, more than the batch budget of {max_tokens}")
+        if current and (len(current) + 1) * max(longest, size) > max_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, size)
+    if current:
+        batches.append(current)
+    if generator is not None:
+        batches = [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches

@@ -9,7 +9,7 @@ from pathlib import Path
 from transformer.checkpoint import CheckpointError
 from transformer.config import ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "copy.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "multi30k.yaml"
 
 
 def _fail(message: str) -> int:
@@ -26,32 +26,24 @@ def train_main(argv: list[str] | None = None) -> int:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one config field, e.g. --set train.warmup=400 (repeatable)",
     )
+    parser.add_argument("--data-dir", help="folder holding the Multi30k files (same as --set data.dir=...)")
     args = parser.parse_args(argv)
 
     from transformer.config import load_config
+    from transformer.data import DataError
     from transformer.experiment import run_training
 
     path = args.config if args.config is not None else DEFAULT_CONFIG
+    overrides = list(args.overrides)
+    if args.data_dir is not None:
+        overrides.append(f"data.dir={args.data_dir}")
     try:
-        cfg = load_config(path, args.overrides)
+        cfg = load_config(path, overrides)
         result = run_training(cfg, name=path.stem)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, DataError) as e:
         return _fail(str(e))
     print(result.run_dir)
     return 0
-
-
-def _read_lines(path: str) -> list[str]:
-    import gzip
-
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8", errors="strict") as f:
-            return [line.rstrip("\r\n") for line in f]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from e
 
 
 def translate_main(argv: list[str] | None = None) -> int:
@@ -60,6 +52,7 @@ def translate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("sentences", nargs="*", help="sentences to translate (default: --input, else stdin)")
     parser.add_argument("--input", help="file with one sentence per line (plain or .gz)")
     parser.add_argument("--output", help="write translations here instead of stdout")
+    parser.add_argument("--reference", help="reference translations (one per line): print BLEU and chrF to stderr")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=None, help="sentences decoded together")
     parser.add_argument(
@@ -67,6 +60,8 @@ def translate_main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    from transformer.data import DataError, read_lines
+    from transformer.evaluate import score
     from transformer.translate import Translator
     from transformer.utils import setup_logging
 
@@ -79,15 +74,20 @@ def translate_main(argv: list[str] | None = None) -> int:
         if args.sentences:
             lines = args.sentences
         elif args.input:
-            lines = _read_lines(args.input)
+            lines = read_lines(Path(args.input))
         else:
-            lines = [line.rstrip("\r\n") for line in sys.stdin]
+            lines = [line.strip() for line in sys.stdin]
+        references = read_lines(Path(args.reference)) if args.reference else None
+        if references is not None and len(references) != len(lines):
+            raise DataError(f"{args.reference}: {len(references)} references for {len(lines)} input lines")
         outputs = translator.translate(lines)
-    except (ConfigError, CheckpointError, ValueError) as e:
+    except (ConfigError, CheckpointError, DataError, ValueError) as e:
         return _fail(str(e))
     text = "".join(out + "\n" for out in outputs)
     if args.output:
         Path(args.output).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
+    if references is not None:
+        print(score(outputs, references).summary(), file=sys.stderr)
     return 0

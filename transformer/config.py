@@ -51,9 +51,25 @@ class CopyTaskConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """What to train on."""
+    """What to train on: a parallel corpus (Multi30k by default) or the copy task."""
 
-    task: Literal["copy"] = "copy"
+    task: Literal["translation", "copy"] = "translation"
+    # Where Multi30k is: this folder; else $TRANSFORMER_DATA/multi30k; else data/multi30k.
+    dir: str | None = None
+    download: bool = True  # fetch missing Multi30k files (checked against their sha256)
+    # Your own corpus instead of Multi30k's: [source file, target file], plain or .gz.
+    train: tuple[str, str] | None = None
+    valid: tuple[str, str] | None = None
+    test: tuple[str, str] | None = None
+    src_lang: str = "de"
+    tgt_lang: str = "en"
+    tokenizer: Literal["sentencepiece", "spacy"] = "sentencepiece"  # joint subwords, or spaCy words
+    vocab_size: int = 8000  # SentencePiece model size
+    sp_model_type: Literal["unigram", "bpe"] = "unigram"
+    min_freq: int = 2  # spaCy word vocabularies keep words seen at least this often
+    max_len: int = 100  # training pairs with more tokens (specials aside) on either side are dropped
+    batch_tokens: int = 4096  # padded tokens per batch (sentences × longest, either side)
+    workers: int = 0  # DataLoader worker processes building batches
     copy: CopyTaskConfig = field(default_factory=CopyTaskConfig)
 
 
@@ -66,6 +82,7 @@ class TrainConfig:
     amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype; fp16 only on CUDA
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimizer steps
+    max_minutes: float | None = None  # stop after this much training time (wall clock)
     accum_steps: int = 1  # micro-batches per optimizer step (gradients are token-averaged)
     clip_grad_norm: float | None = None
     label_smoothing: float = 0.1
@@ -75,6 +92,8 @@ class TrainConfig:
     adam_eps: float = 1e-9
     weight_decay: float = 0.0
     log_every: int = 10  # refresh the progress bar's figures every N steps
+    eval_every: int | None = None  # validate every N steps; None: after every epoch
+    patience: int | None = None  # stop after this many validations without a better score
     run_dir: str | None = None  # default: a new folder under runs_root
     runs_root: str = "runs"
 
@@ -171,7 +190,11 @@ def _check(cfg: Config) -> None:
         "model.N": m.N, "model.d_model": m.d_model, "model.d_ff": m.d_ff, "model.h": m.h,
         "model.max_len": m.max_len, "train.accum_steps": t.accum_steps, "train.warmup": t.warmup,
         "train.epochs": t.epochs, "train.log_every": t.log_every, "decode.batch_size": cfg.decode.batch_size,
+        "data.vocab_size": cfg.data.vocab_size, "data.min_freq": cfg.data.min_freq, "data.max_len": cfg.data.max_len,
+        "data.batch_tokens": cfg.data.batch_tokens,
     }
+    optional = {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every, "train.patience": t.patience,
+                "train.max_minutes": t.max_minutes}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {value}")
@@ -183,8 +206,19 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"'model.dropout' must be in [0, 1), got {m.dropout}")
     if not 0.0 <= t.label_smoothing < 1.0:
         raise ConfigError(f"'train.label_smoothing' must be in [0, 1), got {t.label_smoothing}")
-    if t.max_steps is not None and t.max_steps < 1:
-        raise ConfigError(f"'train.max_steps' must be at least 1 (or null), got {t.max_steps}")
+    for key, value in optional.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"'{key}' must be positive (or null), got {value}")
+    if cfg.data.workers < 0:
+        raise ConfigError(f"'data.workers' must be 0 or more, got {cfg.data.workers}")
+    # A training sentence has up to data.max_len tokens plus <s> and </s>.
+    if cfg.data.max_len + 2 > cfg.data.batch_tokens:
+        raise ConfigError(
+            f"'data.batch_tokens' ({cfg.data.batch_tokens}) must hold one sentence of data.max_len "
+            f"({cfg.data.max_len}) tokens plus <s> and </s>"
+        )
+    if cfg.data.max_len + 2 > m.max_len:
+        raise ConfigError(f"'data.max_len' ({cfg.data.max_len}) plus 2 must not exceed model.max_len ({m.max_len})")
     c = cfg.data.copy
     if c.vocab_size < 3:
         raise ConfigError(f"'data.copy.vocab_size' must be at least 3, got {c.vocab_size}")

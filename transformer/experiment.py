@@ -13,19 +13,21 @@ import torch
 from transformer.checkpoint import build_model, save_checkpoint
 from transformer.config import Config, ConfigError, save_config, to_dict
 from transformer.copy_task import CopyTask
+from transformer.evaluate import score
 from transformer.model import EncoderDecoder
 from transformer.tokenize import Tokenizer
 from transformer.train import EpochSummary, Trainer
 from transformer.translate import Translator
+from transformer.translation_task import TranslationTask
 from transformer.utils import MetricsLog, resolve_device, setup_logging
 
 log = logging.getLogger(__name__)
 
 
-def build_task(cfg: Config) -> CopyTask:
+def build_task(cfg: Config) -> CopyTask | TranslationTask:
     if cfg.data.task == "copy":
         return CopyTask(cfg.data.copy, cfg.train.seed)
-    raise ConfigError(f"'data.task': unknown task {cfg.data.task!r}")
+    return TranslationTask(cfg)
 
 
 def new_run_dir(cfg: Config, name: str) -> Path:
@@ -62,16 +64,64 @@ def checkpoint_state(cfg: Config, model: EncoderDecoder, tokenizer: Tokenizer, t
     }
 
 
+class Validator:
+    """What happens at every evaluation point of a run.
+
+    It measures the validation loss (and, for translation, greedy BLEU and chrF on the
+    validation text), saves ``last.pt``, saves ``best.pt`` when the score improves
+    (BLEU for translation, loss for the copy task), and asks to stop after
+    ``train.patience`` evaluations without improvement.
+    """
+
+    def __init__(self, cfg: Config, task, run_dir: Path, metrics: MetricsLog, device: torch.device):
+        self.cfg, self.task, self.run_dir, self.metrics, self.device = cfg, task, run_dir, metrics, device
+        self.best: float | None = None
+        self.bad_evals = 0
+        self.last_step = -1
+
+    def __call__(self, trainer: Trainer) -> bool:
+        self.last_step = trainer.step
+        start = time.perf_counter()
+        record: dict[str, Any] = {"kind": "valid", "step": trainer.step, "epoch": trainer.epoch}
+        record["valid_loss"] = trainer.evaluate(self.task.valid_batches())
+        text = f"valid loss {record['valid_loss']:.4f}"
+        if isinstance(self.task, TranslationTask):
+            translator = Translator(trainer.model, self.task.tokenizer, self.cfg.decode, self.device)
+            scores = score(translator.translate(self.task.valid_src), self.task.valid_ref)
+            record.update(bleu=scores.bleu, chrf=scores.chrf)
+            current = scores.bleu
+            text += f", BLEU {scores.bleu:.2f}, chrF {scores.chrf:.2f} (greedy)"
+        else:
+            current = -record["valid_loss"]
+        improved = self.best is None or current > self.best
+        state = checkpoint_state(self.cfg, trainer.model, self.task.tokenizer, trainer)
+        save_checkpoint(self.run_dir / "last.pt", state)
+        if improved:
+            self.best, self.bad_evals = current, 0
+            save_checkpoint(self.run_dir / "best.pt", state)
+        else:
+            self.bad_evals += 1
+        record["seconds"] = time.perf_counter() - start
+        self.metrics.write(**record)
+        log.info("step %d: %s%s (%.1f s)", trainer.step, text, ", new best" if improved else "", record["seconds"])
+        patience = self.cfg.train.patience
+        if patience is not None and self.bad_evals >= patience:
+            log.info("no improvement in %d validations: stopping early", patience)
+            return True
+        return False
+
+
 @dataclass
 class RunResult:
     run_dir: Path
     epochs: list[EpochSummary]
-    demo: list[tuple[str, str]]  # (source, output) pairs decoded at the end
+    demo: list[tuple[str, str]]  # a few (source, output) pairs decoded at the end
 
 
 def run_training(cfg: Config, name: str = "run", demo_sentences: int = 5) -> RunResult:
-    """Train as ``cfg`` says, save ``last.pt`` after every epoch, then decode a few
-    sentences with the result."""
+    """Train as ``cfg`` says (validating, and saving ``last.pt`` and ``best.pt``, at every
+    evaluation point), then score the best model on the test set (translation) or
+    decode a few sequences (copy task)."""
     run_dir = new_run_dir(cfg, name)
     handler = setup_logging(run_dir / "train.log")
     try:
@@ -87,23 +137,42 @@ def _run(cfg: Config, run_dir: Path, demo_sentences: int) -> RunResult:
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     task = build_task(cfg)
+    save_checkpoint(run_dir / "tokenizer.pt", {"tokenizer": task.tokenizer.state_dict()})
     model = build_model(cfg.model, task.tokenizer).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s parameters, device %s, amp %s", f"{n_params:,}", device, cfg.train.amp)
-    trainer = Trainer(model, cfg.train, task.tokenizer.pad_id, device, MetricsLog(run_dir / "metrics.jsonl"))
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    trainer = Trainer(model, cfg.train, task.tokenizer.pad_id, device, metrics)
+    validate = Validator(cfg, task, run_dir, metrics, device)
+    epochs = trainer.fit(task.train_batches, validate)
+    if validate.last_step != trainer.step:  # the run ended between two evaluation points
+        validate(trainer)
+    log.info("saved %s and %s", run_dir / "last.pt", run_dir / "best.pt")
 
-    def save(trainer: Trainer, summary: EpochSummary) -> None:
-        save_checkpoint(run_dir / "last.pt", checkpoint_state(cfg, model, task.tokenizer, trainer))
-
-    epochs = trainer.fit(task.train_batches, task.valid_batches, on_epoch_end=save)
-    log.info("saved %s", run_dir / "last.pt")
-
+    if isinstance(task, TranslationTask):
+        return RunResult(run_dir, epochs, _test(cfg, task, run_dir, metrics, device, demo_sentences))
     translator = Translator(model, task.tokenizer, cfg.decode, device)
     sources = task.demo_sources(demo_sentences)
     outputs = translator.translate(sources)
     for src, out in zip(sources, outputs):
         log.info("decode: %s -> %s", src, out)
-    if cfg.data.task == "copy":
-        exact = sum(src == out for src, out in zip(sources, outputs))
-        log.info("copied %d of %d sequences exactly", exact, len(sources))
+    exact = sum(src == out for src, out in zip(sources, outputs))
+    log.info("copied %d of %d sequences exactly", exact, len(sources))
     return RunResult(run_dir, epochs, list(zip(sources, outputs)))
+
+
+def _test(cfg: Config, task: TranslationTask, run_dir: Path, metrics: MetricsLog, device, n_demo: int):
+    """Score the best checkpoint on the test set; write its translations beside it."""
+    if not task.test_src:
+        return []
+    translator = Translator.from_checkpoint(run_dir / "best.pt", device=str(device))
+    hypotheses = translator.translate(task.test_src)
+    (run_dir / "test.hyp.txt").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+    scores = score(hypotheses, task.test_ref)
+    metrics.write(kind="test", bleu=scores.bleu, chrf=scores.chrf, bleu_lc=scores.bleu_lc,
+                  signature=scores.bleu_signature, decoding="greedy")
+    log.info("test (best.pt, greedy): %s", scores.summary())
+    demo = list(zip(task.test_src[:n_demo], hypotheses[:n_demo]))
+    for src, out in demo:
+        log.info("decode: %s -> %s", src, out)
+    return demo

@@ -39,10 +39,13 @@ class EpochSummary:
     epoch: int  # 1-based
     step: int  # optimizer steps so far
     train_loss: float  # label-smoothed KL per target token
-    valid_loss: float | None
     lr: float
     tokens_per_s: float
     seconds: float
+
+
+Validate = Callable[["Trainer"], bool]
+"""Called at every evaluation point; evaluates, saves, and returns True to stop training."""
 
 
 class Trainer:
@@ -80,6 +83,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # epochs completed
+        self.stopped = False  # set when validation asks to stop early
+        self.train_seconds = 0.0  # time spent in fit(), for train.max_minutes
+        self._fit_start: float | None = None
 
     @property
     def lr(self) -> float:
@@ -87,8 +93,15 @@ class Trainer:
 
     @property
     def done(self) -> bool:
-        max_steps = self.cfg.max_steps
-        return self.epoch >= self.cfg.epochs or (max_steps is not None and self.step >= max_steps)
+        max_steps, max_minutes = self.cfg.max_steps, self.cfg.max_minutes
+        if self._fit_start is not None:
+            self.train_seconds = time.perf_counter() - self._fit_start
+        return (
+            self.stopped
+            or self.epoch >= self.cfg.epochs
+            or (max_steps is not None and self.step >= max_steps)
+            or (max_minutes is not None and self.train_seconds >= 60 * max_minutes)
+        )
 
     def loss(self, batch: Batch) -> Tensor:
         """The summed label-smoothed loss of one batch (already on the device)."""
@@ -147,8 +160,14 @@ class Trainer:
         self.model.train(was_training)
         return total.item() / max(ntokens, 1)
 
-    def train_epoch(self, batches: Iterable[Batch]) -> tuple[float, int, float]:
-        """Run one epoch (or until max_steps). Returns (loss per token, tokens, seconds)."""
+    def train_epoch(self, batches: Iterable[Batch], validate: Validate | None = None) -> tuple[float, int, float]:
+        """Run one epoch (or until max_steps, or until ``validate`` says stop).
+
+        With ``cfg.eval_every``, ``validate`` runs every that many optimizer steps.
+
+        Returns:
+            Loss per target token, target tokens, seconds (validation included).
+        """
         self.model.train()
         n_batches = len(batches) if hasattr(batches, "__len__") else None
         steps = math.ceil(n_batches / self.cfg.accum_steps) if n_batches is not None else None
@@ -171,6 +190,9 @@ class Trainer:
                     tok_s=f"{window_tokens / (now - window_start):.0f}",
                 )
                 window_loss, window_tokens, window_start = torch.zeros((), device=self.device), 0, now
+            if validate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                self.stopped = validate(self)
+                self.model.train()
             if self.done:
                 break
         bar.close()
@@ -180,38 +202,35 @@ class Trainer:
     def fit(
         self,
         train_batches: Callable[[int], Iterable[Batch]],
-        valid_batches: Callable[[], Iterable[Batch]] | None = None,
-        on_epoch_end: Callable[["Trainer", EpochSummary], None] | None = None,
+        validate: Validate | None = None,
     ) -> list[EpochSummary]:
-        """Train until ``cfg.epochs`` epochs or ``cfg.max_steps`` steps.
+        """Train until ``cfg.epochs`` epochs, ``cfg.max_steps`` steps, or an early stop.
 
         Args:
             train_batches: epoch index (0-based) -> that epoch's batches.
-            valid_batches: () -> the validation batches, evaluated after each epoch.
-            on_epoch_end: called after each epoch (e.g. to save a checkpoint).
+            validate: called every ``cfg.eval_every`` steps, or after every epoch when
+                that is None; returns True to stop.
         """
         summaries = []
+        self._fit_start = time.perf_counter() - self.train_seconds
         while not self.done:
-            train_loss, tokens, seconds = self.train_epoch(train_batches(self.epoch))
+            train_loss, tokens, seconds = self.train_epoch(train_batches(self.epoch), validate)
             self.epoch += 1
-            valid_loss = self.evaluate(valid_batches()) if valid_batches is not None else None
             summary = EpochSummary(
                 epoch=self.epoch,
                 step=self.step,
                 train_loss=train_loss,
-                valid_loss=valid_loss,
                 lr=self.lr,
                 tokens_per_s=tokens / max(seconds, 1e-9),
                 seconds=seconds,
             )
             summaries.append(summary)
-            valid_text = f", valid loss {valid_loss:.4f}" if valid_loss is not None else ""
             log.info(
-                "epoch %d: step %d, train loss %.4f%s, lr %.2e, %.0f target tokens/s, %.1f s",
-                summary.epoch, summary.step, train_loss, valid_text, summary.lr, summary.tokens_per_s, seconds,
+                "epoch %d: step %d, train loss %.4f, lr %.2e, %.0f target tokens/s, %.1f s",
+                summary.epoch, summary.step, train_loss, summary.lr, summary.tokens_per_s, seconds,
             )
             if self.metrics is not None:
                 self.metrics.write(kind="epoch", **summary.__dict__)
-            if on_epoch_end is not None:
-                on_epoch_end(self, summary)
+            if validate is not None and not self.cfg.eval_every and not self.stopped:
+                self.stopped = validate(self)
         return summaries

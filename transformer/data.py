@@ -1,0 +1,314 @@
+"""Parallel text on disk: finding, downloading, checking and reading Multi30k.
+
+Multi30k task 1 is six gzip files from the GitHub repository multi30k/dataset
+(``data/task1/raw/``). Every file is checked against its sha256, whether it was
+downloaded or put in place by hand, so a run never trains on a damaged or different
+copy. Downloads are published atomically: a file appears under its real name only
+once it is complete and verified.
+
+This module uses the standard library only (no torch), so that the data can be
+fetched and checked without loading the model code.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import http.client
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+
+MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/"
+
+# sha256 of each published .gz file (not of the text inside): the bytes we download.
+MULTI30K_SHA256: dict[str, str] = {
+    "train.de.gz": "726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6",
+    "train.en.gz": "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f",
+    "val.de.gz": "f0cba2f995189cf5770f29a8a9a537a3ad3f51657ad873405082ff6863a5e75a",
+    "val.en.gz": "14f7d25ddd868909a9213e361768460edcacdd6ab9d1e77b92560dc10c10dc28",
+    "test_2016_flickr.de.gz": "9204244e408ccb38d2a55cfcd344df15005fc42a07a6e55ca6c52b6ababb8cc8",
+    "test_2016_flickr.en.gz": "611d361c6334bc7246101d48097c13cf5c4413c5befc793cc629934359d532d9",
+}
+
+# Our split names → the file name stems Multi30k uses.
+SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
+
+_CHUNK = 1 << 16
+
+
+class DataError(RuntimeError):
+    """A data file that is missing, damaged or unreadable; the message names the file."""
+
+
+def resolve_data_dir(data_dir: str | None) -> Path:
+    """The folder that holds (or will hold) the Multi30k files.
+
+    Args:
+        data_dir: a folder from ``--data-dir`` or the config key ``data.dir``; wins if given.
+
+    Returns:
+        ``data_dir``; else ``$TRANSFORMER_DATA/multi30k`` when that variable is set and
+        non-empty; else ``data/multi30k`` under the project root (the folder above the
+        ``transformer`` package when it holds pyproject.toml, i.e. a source checkout;
+        the current directory for an installed package).
+    """
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    env = os.environ.get("TRANSFORMER_DATA")
+    if env:
+        return Path(env).expanduser() / "multi30k"
+    checkout = Path(__file__).resolve().parent.parent
+    root = checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
+    return root / "data" / "multi30k"
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fetch(url: str, out: BinaryIO, timeout: float, what: str) -> str:
+    """Stream ``url`` into the open binary file ``out``; return the sha256 of its bytes."""
+    digest = hashlib.sha256()
+    got, expected = 0, None
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            expected = int(length) if length is not None and length.strip().isdigit() else None
+            # read(n) returns b"" when the peer closes early instead of raising, hence the
+            # byte count below.
+            while chunk := response.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                got += len(chunk)
+    except urllib.error.HTTPError as e:  # before URLError: it is one
+        e.close()
+        raise DataError(f"{what}: the server answered HTTP {e.code} ({e.reason})") from None
+    except urllib.error.URLError as e:
+        raise DataError(f"{what}: cannot reach the server ({e.reason})") from e
+    except http.client.IncompleteRead as e:
+        got += len(e.partial)
+        raise DataError(f"{what}: connection dropped, got {got} of {expected} bytes") from None
+    except (http.client.HTTPException, OSError) as e:  # reset, timeout mid-file, disk full, ...
+        raise DataError(f"{what}: download failed after {got} bytes ({type(e).__name__}: {e})") from e
+    except ValueError as e:  # a malformed URL
+        raise DataError(f"{what}: {e}") from e
+    if expected is not None and got != expected:
+        raise DataError(f"{what}: connection dropped, got {got} of {expected} bytes")
+    return digest.hexdigest()
+
+
+def download(url: str, dest: Path, sha256: str, timeout: float = 60) -> None:
+    """Download ``url`` to ``dest``, verified, so that ``dest`` is either whole or absent.
+
+    The bytes go to a temporary file beside ``dest`` (same file system, so the final
+    rename is atomic), are hashed on the way, checked against the Content-Length and
+    ``sha256``, flushed to disk, and only then renamed to ``dest``.
+
+    Args:
+        url: where to fetch the file.
+        dest: the file to create; its folder is created if needed.
+        sha256: the expected hex digest of the downloaded bytes.
+        timeout: seconds to wait for the connection and for each read.
+
+    Raises:
+        DataError: naming the file, on an HTTP error, an unreachable server, a
+            connection dropped mid-file or a checksum mismatch; no file is left behind.
+    """
+    dest = Path(dest)
+    what = f"{dest} (from {url})"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as e:
+        raise DataError(f"{dest}: cannot create a file in {dest.parent} ({e})") from e
+    tmp = Path(tmp_name)
+    log.info("downloading %s", url)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            got = _fetch(url, f, timeout, what)
+            f.flush()
+            os.fsync(f.fileno())
+        if got != sha256:
+            raise DataError(f"{what}: checksum mismatch, expected sha256 {sha256}, got {got}")
+        os.replace(tmp, dest)
+    except BaseException:  # Ctrl-C too: never leave a partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dest.parent)
+    log.info("saved %s (sha256 verified)", dest)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (not possible on every platform)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _missing_message(data_dir: Path, missing: list[str], reason: str, base_url: str) -> str:
+    return (
+        f"Multi30k files missing from {data_dir}: {', '.join(missing)}\n"
+        f"  reason: {reason}\n"
+        f"  Fix: download them from {base_url} into {data_dir},\n"
+        "  or point at a folder that holds them: the --data-dir flag, the config key data.dir"
+        " (--set data.dir=DIR), or the TRANSFORMER_DATA environment variable ($TRANSFORMER_DATA/multi30k)."
+    )
+
+
+def ensure_multi30k(data_dir: Path, download_missing: bool = True, base_url: str = MULTI30K_URL) -> Path:
+    """Make sure the six Multi30k files are in ``data_dir``, with the right checksums.
+
+    Files already there are checked, never replaced: a file with the wrong sha256 is an
+    error, since it may be the user's own. Missing files are downloaded when allowed.
+
+    Args:
+        data_dir: the folder (see ``resolve_data_dir``).
+        download_missing: fetch missing files from ``base_url``.
+        base_url: where the files are; each is fetched from ``base_url + name``.
+
+    Returns:
+        ``data_dir``.
+
+    Raises:
+        DataError: a present file has the wrong checksum (the message says to delete
+            it), or files are missing and cannot be downloaded (the message lists them,
+            the folder, and how to point at another one).
+    """
+    data_dir = Path(data_dir)
+    missing = []
+    for name, sha256 in MULTI30K_SHA256.items():
+        path = data_dir / name
+        if not path.exists():
+            missing.append(name)
+            continue
+        try:
+            got = _sha256_of(path)
+        except OSError as e:
+            raise DataError(f"{path}: cannot read ({e})") from e
+        if got != sha256:
+            raise DataError(
+                f"{path}: sha256 is {got}, but Multi30k's {name} has {sha256}; the file is damaged or "
+                "a different one. Delete it to have it downloaded again, or replace it with the right copy."
+            )
+    if not missing:
+        return data_dir
+    if not download_missing:
+        raise DataError(_missing_message(data_dir, missing, "downloading is off (data.download: false)", base_url))
+    for i, name in enumerate(missing):
+        try:
+            download(base_url + name, data_dir / name, MULTI30K_SHA256[name])
+        except DataError as e:
+            # Offline (the common case) or a bad download: either way the user can put the
+            # files in place by hand, so say which ones are still missing and where.
+            raise DataError(_missing_message(data_dir, missing[i:], str(e), base_url)) from e
+    return data_dir
+
+
+def read_lines(path: Path) -> list[str]:
+    """Read a text file (gzip-compressed if its name ends in ``.gz``), one entry per line.
+
+    Lines are split on ``"\\n"`` only, so characters such as U+2028, U+0085 or form feed
+    stay inside their line (``str.splitlines`` would split there and misalign a
+    parallel corpus). Each line is ``.strip()``-ed: Multi30k's train.de has trailing
+    spaces, a tab and no-break spaces (U+00A0) at line ends; interior text is kept.
+    A UTF-8 byte-order mark at the start of the file is dropped.
+
+    Raises:
+        DataError: the file is missing or unreadable (also a damaged .gz), or is not
+            valid UTF-8 (the message gives the 1-based line number).
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:  # missing, a folder, no permission, bad gzip
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}, line {line}: not valid UTF-8 ({e.reason})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":  # the newline that ends the last line (or an empty file)
+        lines.pop()
+    return [line.strip() for line in lines]
+
+
+def read_parallel(src_path: Path, tgt_path: Path) -> list[tuple[str, str]]:
+    """Read two line-aligned files into (source, target) pairs.
+
+    Raises:
+        DataError: a file cannot be read, or the two have different line counts.
+    """
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
+    if len(src) != len(tgt):
+        raise DataError(
+            f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}; "
+            "line i of one must translate line i of the other"
+        )
+    return list(zip(src, tgt))
+
+
+def split_paths(data_dir: Path, split: str, src_lang: str = "de", tgt_lang: str = "en") -> tuple[Path, Path]:
+    """The (source, target) Multi30k files of ``split`` ("train", "valid" or "test")."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    data_dir, stem = Path(data_dir), SPLITS[split]
+    return data_dir / f"{stem}.{src_lang}.gz", data_dir / f"{stem}.{tgt_lang}.gz"
+
+
+def filter_training_pairs(src: list[list[int]], tgt: list[list[int]], max_len: int) -> tuple[list[int], dict[str, int]]:
+    """Indices of the training pairs to keep: neither side empty, none longer than ``max_len``.
+
+    Only training data is filtered; validation and test sets are scored in full.
+
+    Args:
+        src: token ids of each source sentence.
+        tgt: token ids of each target sentence, aligned with ``src``.
+        max_len: the most tokens allowed on either side.
+
+    Returns:
+        The kept indices in their original order, and how many pairs were dropped as
+        ``{"empty": n, "too_long": m}`` (an empty pair counts as empty only).
+    """
+    if len(src) != len(tgt):
+        raise ValueError(f"{len(src)} source but {len(tgt)} target sentences")
+    keep: list[int] = []
+    dropped = {"empty": 0, "too_long": 0}
+    for i, (s, t) in enumerate(zip(src, tgt)):
+        if not s or not t:
+            dropped["empty"] += 1
+        elif len(s) > max_len or len(t) > max_len:
+            dropped["too_long"] += 1
+        else:
+            keep.append(i)
+    if dropped["empty"] or dropped["too_long"]:
+        log.info(
+            "training pairs: kept %d of %d; dropped %d with an empty side and %d longer than %d tokens",
+            len(keep), len(src), dropped["empty"], dropped["too_long"], max_len,
+        )
+    return keep, dropped
