@@ -21,6 +21,11 @@ class LabelSmoothing(nn.Module):
     gradients without materialising the distribution. ``smoothed_targets`` still
     builds it, for the tests and the figures.
 
+    Training calls ``from_logits`` instead, which fuses the log-softmax with the loss:
+    its gradient with respect to the logits is softmax(z) − q, computed in one pass
+    over one (N, V) buffer (autograd through log-softmax, gather and sum would build
+    several).
+
     Args:
         size: vocabulary size V (at least 3).
         padding_idx: id of the padding token.
@@ -63,3 +68,96 @@ class LabelSmoothing(nn.Module):
         lp_other = x.sum(dim=1) - lp_target - lp_pad
         cross_entropy = -(self.confidence * lp_target + self.other * lp_other)
         return torch.where(keep, cross_entropy + self.entropy_term, 0.0).sum()
+
+    def from_hidden(self, hidden: Tensor, proj: nn.Linear, target: Tensor, chunk: int = 512) -> Tensor:
+        """The same loss from decoder states: ``forward(log_softmax(proj(hidden)), target)``.
+
+        The output layer and the loss are computed together, ``chunk`` rows at a time,
+        with a hand-written backward (the gradient with respect to the logits is
+        softmax(z) − q). No (N, V) tensor is ever built: on the CPU such tensors are
+        larger than what malloc recycles, and touching fresh pages for them every step
+        cost more than the arithmetic.
+
+        Shape:
+            hidden (N, d_model), target (N,) -> scalar.
+        """
+        return _SmoothedOutputLoss.apply(hidden, proj.weight, proj.bias, target, self, chunk)
+
+
+class _SmoothedOutputLoss(torch.autograd.Function):
+    """Linear output layer + log-softmax + ``LabelSmoothing``, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, crit: LabelSmoothing, chunk: int) -> Tensor:
+        dtype = hidden.dtype  # bf16 under autocast: the matmuls run in it, the softmax in float32
+        acc = torch.promote_types(dtype, torch.float32)
+        w, b = weight.to(dtype), bias.to(dtype)
+        total = hidden.new_zeros((), dtype=acc)
+        logits = []
+        for start in range(0, hidden.size(0), chunk):
+            z = torch.addmm(b, hidden[start : start + chunk], w.t())  # (chunk, V)
+            logits.append(z)
+            log_probs = torch.log_softmax(z.to(acc), dim=-1)
+            total += crit.forward(log_probs, target[start : start + chunk])
+        ctx.save_for_backward(hidden, weight, target, *logits)
+        ctx.crit, ctx.chunk = crit, chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        hidden, weight, target, *logits = ctx.saved_tensors
+        crit, chunk = ctx.crit, ctx.chunk
+        dtype = hidden.dtype
+        acc = torch.promote_types(dtype, torch.float32)
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=acc)
+        grad_bias = torch.zeros(weight.size(0), dtype=acc, device=weight.device)
+        for i, z in enumerate(logits):
+            rows = slice(i * chunk, i * chunk + z.size(0))
+            t = target[rows]
+            grad = torch.softmax(z.to(acc), dim=-1)
+            # softmax − q: q is `other` everywhere but the target (confidence) and padding (0).
+            grad.sub_(crit.other)
+            grad.scatter_add_(1, t.unsqueeze(1), grad.new_full((grad.size(0), 1), crit.other - crit.confidence))
+            grad[:, crit.padding_idx] += crit.other
+            grad.mul_(((t != crit.padding_idx).to(grad.dtype) * grad_output).unsqueeze(1))
+            grad_bias += grad.sum(0)
+            grad = grad.to(dtype)
+            grad_hidden[rows] = grad @ w
+            grad_weight += grad.t() @ hidden[rows]
+        return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None, None, None
+
+
+    def from_logits(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The same loss from unnormalised scores: ``forward(log_softmax(logits), target)``.
+
+        Shape:
+            logits (N, V), target (N,) -> scalar.
+        """
+        return _SmoothedKLFromLogits.apply(logits, target, self)
+
+
+class _SmoothedKLFromLogits(torch.autograd.Function):
+    """log-softmax + ``LabelSmoothing`` with a hand-written backward: softmax(z) − q."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, crit: LabelSmoothing) -> Tensor:
+        log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        keep = target != crit.padding_idx
+        ctx.save_for_backward(log_probs, target, keep)
+        ctx.crit, ctx.dtype = crit, logits.dtype
+        return crit.forward(log_probs, target)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        log_probs, target, keep = ctx.saved_tensors
+        crit = ctx.crit
+        grad = log_probs.exp()  # softmax
+        # Subtract q: `other` everywhere, then the rest of `confidence` on the target, and
+        # give back `other` on the padding column, where q is 0.
+        grad.sub_(crit.other)
+        grad.scatter_add_(1, target.unsqueeze(1), grad.new_full((grad.size(0), 1), crit.other - crit.confidence))
+        grad[:, crit.padding_idx] += crit.other
+        grad.mul_((keep.to(grad.dtype) * grad_output).unsqueeze(1))
+        return grad.to(ctx.dtype), None, None

@@ -106,9 +106,10 @@ class Trainer:
     def loss(self, batch: Batch) -> Tensor:
         """The summed label-smoothed loss of one batch (already on the device)."""
         with autocast(self.device, self.cfg.amp):
-            out = self.model(batch.src, batch.tgt_in, batch.src_mask, batch.tgt_mask)
-            log_probs = self.model.generator(out)  # (B, T, V), float32
-        return self.criterion(log_probs.reshape(-1, self.vocab_size), batch.tgt_out.reshape(-1))
+            out = self.model(batch.src, batch.tgt_in, batch.src_mask, batch.tgt_mask)  # (B, T, d_model)
+            # Only real target positions go through the (large) output layer.
+            real = batch.tgt_out != self.criterion.padding_idx
+            return self.criterion.from_hidden(out[real], self.model.generator.proj, batch.tgt_out[real])
 
     def accumulate(self, group: list[Batch]) -> tuple[Tensor, int]:
         """Forward and backward over a group of micro-batches, adding to the gradients.

@@ -81,4 +81,6 @@ class Translator:
                 )
                 ids = ids[: self.max_positions]
             sources.append(ids)
-        return [self.tokenizer.decode_tgt(ids) for ids in self.translate_ids(sources)]
+        # A model can emit line breaks (e.g. through byte pieces); one input line must
+        # stay one output line, so every kind of line break becomes a space.
+        return [" ".join(self.tokenizer.decode_tgt(ids).splitlines()) for ids in self.translate_ids(sources)]

@@ -1,0 +1,149 @@
+"""The translation pipeline on small slices of Multi30k: data, tokenizers, training, scoring."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+from transformer.config import ConfigError, load_config
+from transformer.data import DataError
+from transformer.experiment import run_training
+from transformer.translate import Translator
+from transformer.translation_task import TranslationTask
+
+MULTI30K = ROOT / "data" / "multi30k"
+needs_multi30k = pytest.mark.skipif(
+    not (MULTI30K / "train.de.gz").exists(),
+    reason="Multi30k files absent from data/multi30k (CI links them from ../shared/data/multi30k)",
+)
+TINY = ["model.N=1", "model.d_model=32", "model.d_ff=64", "model.h=4", "decode.max_len_b=5"]
+
+
+def write_slice(folder: Path, split: str, n: int, skip: int = 0) -> list[str]:
+    """The first n pairs (after skip) of a Multi30k split as plain files; returns [de, en]."""
+    paths = []
+    for lang in ("de", "en"):
+        with gzip.open(MULTI30K / f"{split}.{lang}.gz", "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")[skip : skip + n]
+        path = folder / f"{split}.{lang}"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def slices(tmp_path_factory):
+    if not (MULTI30K / "train.de.gz").exists():
+        pytest.skip("Multi30k files absent from data/multi30k (CI links them from ../shared/data/multi30k)")
+    folder = tmp_path_factory.mktemp("slices")
+    return {
+        "train": write_slice(folder, "train", 600),
+        "valid": write_slice(folder, "val", 40),
+        "test": write_slice(folder, "test_2016_flickr", 30),
+    }
+
+
+def slice_overrides(slices, *extra):
+    return [
+        f"data.train=[{slices['train'][0]}, {slices['train'][1]}]",
+        f"data.valid=[{slices['valid'][0]}, {slices['valid'][1]}]",
+        f"data.test=[{slices['test'][0]}, {slices['test'][1]}]",
+        "data.vocab_size=500",
+        "data.batch_tokens=600",
+        *TINY,
+        *extra,
+    ]
+
+
+def test_training_a_few_steps_on_a_slice(slices, tmp_path):
+    """train → validate (loss, BLEU) → best/last → test scores → translate, all on real text."""
+    cfg = load_config(ROOT / "configs" / "multi30k.yaml",
+                      slice_overrides(slices, f"train.run_dir={tmp_path / 'run'}", "train.max_steps=4",
+                                      "train.eval_every=2", "train.amp=bf16"))
+    result = run_training(cfg)
+    run_dir = result.run_dir
+    for name in ("config.yaml", "tokenizer.pt", "last.pt", "best.pt", "metrics.jsonl", "test.hyp.txt"):
+        assert (run_dir / name).is_file(), name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in records if r["kind"] == "valid"]
+    assert [r["step"] for r in valid] == [2, 4]
+    assert all(r["valid_loss"] > 0 and 0 <= r["bleu"] <= 100 for r in valid)
+    test = [r for r in records if r["kind"] == "test"]
+    assert len(test) == 1 and "tok:13a" in test[0]["signature"]
+    assert len((run_dir / "test.hyp.txt").read_text(encoding="utf-8").split("\n")) == 31
+    translator = Translator.from_checkpoint(run_dir / "best.pt", device="cpu")
+    assert len(translator.translate(["Ein Hund läuft über die Wiese. 😀", ""])) == 2
+
+
+def test_translate_cli_scores_against_a_reference(slices, tmp_path):
+    cfg = load_config(ROOT / "configs" / "multi30k.yaml",
+                      slice_overrides(slices, f"train.run_dir={tmp_path / 'run'}", "train.max_steps=2"))
+    run_dir = run_training(cfg).run_dir
+    src, ref = slices["test"]
+    out = tmp_path / "hyp.txt"
+    result = run_cli("translate.py", "--checkpoint", str(run_dir / "last.pt"), "--input", src,
+                     "--reference", ref, "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "BLEU" in result.stderr and "nrefs:1|case:mixed|eff:no|tok:13a" in result.stderr and "chrF" in result.stderr
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 30
+    short_ref = tmp_path / "short.en"
+    short_ref.write_text("one line\n", encoding="utf-8")
+    result = run_cli("translate.py", "--checkpoint", str(run_dir / "last.pt"), "--input", src,
+                     "--reference", str(short_ref))
+    assert result.returncode == 2 and "short.en" in result.stderr
+
+
+def test_spacy_word_vocabularies_from_the_training_split(slices):
+    cfg = load_config(ROOT / "configs" / "multi30k.yaml",
+                      slice_overrides(slices, "data.tokenizer=spacy", "model.tie_embeddings=false"))
+    task = TranslationTask(cfg)
+    tok = task.tokenizer
+    assert not tok.shared_vocab and tok.src_vocab_size != tok.tgt_vocab_size
+    # Built from the 600 training pairs only, keeping words seen at least twice.
+    from collections import Counter
+
+    from transformer.tokenize import spacy_words
+
+    counts = Counter(w for line in Path(slices["train"][0]).read_text(encoding="utf-8").splitlines()
+                     for w in spacy_words(line, "de"))
+    once = next(w for w, n in counts.items() if n == 1)
+    twice = next(w for w, n in counts.items() if n >= 2)
+    unk = 3
+    assert tok.encode_src(once)[0] == unk and tok.encode_src(twice)[0] != unk
+    assert tok.encode_src("Flugzeugträgerdeck")[0] == unk
+    with pytest.raises(ConfigError, match="model.tie_embeddings"):
+        run_training(load_config(ROOT / "configs" / "multi30k.yaml",
+                                 slice_overrides(slices, "data.tokenizer=spacy", "train.run_dir=/nonexistent/x")))
+
+
+def test_batches_with_workers_equal_batches_without(slices):
+    base = slice_overrides(slices)
+    a = TranslationTask(load_config(None, base + ["data.workers=0"]))
+    b = TranslationTask(load_config(None, base + ["data.workers=1"]), tokenizer=a.tokenizer)
+    left, right = list(a.train_batches(3)), list(b.train_batches(3))
+    assert len(left) == len(right) > 1
+    assert all(torch.equal(x.src, y.src) and torch.equal(x.tgt_out, y.tgt_out) for x, y in zip(left, right))
+    # Every training pair appears once per epoch.
+    assert sum(x.size for x in left) == len(a.train_src)
+
+
+def test_bad_corpus_errors_name_the_file(tmp_path):
+    src, tgt = tmp_path / "a.de", tmp_path / "a.en"
+    src.write_text("eins\nzwei\ndrei\n", encoding="utf-8")
+    tgt.write_text("one\ntwo\n", encoding="utf-8")
+    result = run_cli("train.py", "--set", f"data.train=[{src}, {tgt}]", "--set", f"data.valid=[{src}, {tgt}]",
+                     "--set", f"train.run_dir={tmp_path / 'run'}")
+    assert result.returncode == 2, result.stderr
+    assert "a.de" in result.stderr and "a.en" in result.stderr and "3" in result.stderr and "2" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_corpus_offline_lists_the_files(tmp_path):
+    cfg = load_config(None, [f"data.dir={tmp_path / 'empty'}", "data.download=false"])
+    with pytest.raises(DataError) as e:
+        TranslationTask(cfg)
+    message = str(e.value)
+    assert "train.de.gz" in message and "test_2016_flickr.en.gz" in message and "TRANSFORMER_DATA" in message
