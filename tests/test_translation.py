@@ -96,7 +96,7 @@ def test_translate_cli_scores_against_a_reference(slices, tmp_path):
     assert result.returncode == 2 and "short.en" in result.stderr
 
 
-def test_spacy_word_vocabularies_from_the_training_split(slices):
+def test_spacy_word_vocabularies_from_the_training_split(slices, tmp_path):
     cfg = load_config(ROOT / "configs" / "multi30k.yaml",
                       slice_overrides(slices, "data.tokenizer=spacy", "model.tie_embeddings=false"))
     task = TranslationTask(cfg)
@@ -116,7 +116,7 @@ def test_spacy_word_vocabularies_from_the_training_split(slices):
     assert tok.encode_src("Flugzeugträgerdeck")[0] == unk
     with pytest.raises(ConfigError, match="model.tie_embeddings"):
         run_training(load_config(ROOT / "configs" / "multi30k.yaml",
-                                 slice_overrides(slices, "data.tokenizer=spacy", "train.run_dir=/nonexistent/x")))
+                                 slice_overrides(slices, "data.tokenizer=spacy", f"train.run_dir={tmp_path / 'run'}")))
 
 
 def test_batches_with_workers_equal_batches_without(slices):

@@ -32,7 +32,9 @@ def train_main(argv: list[str] | None = None) -> int:
     from transformer.config import load_config
     from transformer.data import DataError
     from transformer.experiment import run_training
+    from transformer.utils import keep_freed_memory
 
+    keep_freed_memory()
     path = args.config if args.config is not None else DEFAULT_CONFIG
     overrides = list(args.overrides)
     if args.data_dir is not None:

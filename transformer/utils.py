@@ -65,3 +65,26 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
     handler.setFormatter(fmt)
     root.addHandler(handler)
     return handler
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it.
+
+    A training step allocates and frees the same large buffers every time. By default
+    glibc hands big blocks back to the system and has to fault fresh, zeroed pages in
+    for the next step; keeping them (trim threshold 1 GiB, mmap threshold at its 32 MiB
+    maximum) made CPU training about a third faster here. A no-op where glibc is absent.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+        libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError):
+        pass
