@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import run_cli
+
 from transformer.config import load_config
 from transformer.translate import Translator
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from transformer.attention import MultiHeadedAttention, attention
-from transformer.batching import Batch, padding_mask, subsequent_mask, target_mask
+from transformer.batching import Batch, padding_mask, target_mask
 from transformer.checkpoint import build_model
 from transformer.config import ConfigError, ModelConfig
 from transformer.loss import LabelSmoothing

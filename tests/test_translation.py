@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, run_cli
+
 from transformer.config import ConfigError, load_config
 from transformer.data import DataError
 from transformer.experiment import run_training

@@ -8,15 +8,14 @@ half-written file under the real name.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from transformer.config import Config, ConfigError, ModelConfig, from_dict
+from transformer.fileio import atomic_write
 from transformer.model import EncoderDecoder, make_model
 from transformer.tokenize import Tokenizer, tokenizer_from_state
 
@@ -26,32 +25,6 @@ REQUIRED_KEYS = ("format_version", "config", "model", "tokenizer")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then
-    rename it over ``path``: readers see the old file or the whole new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

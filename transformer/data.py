@@ -18,12 +18,13 @@ import hashlib
 import http.client
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
 from typing import BinaryIO
+
+from transformer.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -129,40 +130,19 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 60) -> None:
     """
     dest = Path(dest)
     what = f"{dest} (from {url})"
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    except OSError as e:
-        raise DataError(f"{dest}: cannot create a file in {dest.parent} ({e})") from e
-    tmp = Path(tmp_name)
-    log.info("downloading %s", url)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            got = _fetch(url, f, timeout, what)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def fetch_verified(f: BinaryIO) -> None:
+        got = _fetch(url, f, timeout, what)
         if got != sha256:
             raise DataError(f"{what}: checksum mismatch, expected sha256 {sha256}, got {got}")
-        os.replace(tmp, dest)
-    except BaseException:  # Ctrl-C too: never leave a partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(dest.parent)
+
+    log.info("downloading %s", url)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(dest, fetch_verified)  # on any failure, Ctrl-C too, no file is left behind
+    except OSError as e:
+        raise DataError(f"{dest}: cannot write in {dest.parent} ({e})") from e
     log.info("saved %s (sha256 verified)", dest)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (not possible on every platform)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _missing_message(data_dir: Path, missing: list[str], reason: str, base_url: str) -> str:

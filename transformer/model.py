@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, overload
+from typing import overload
 
 import torch
 import torch.nn.functional as F

@@ -38,10 +38,13 @@ def corpus_files(cfg: DataConfig) -> dict[str, tuple[Path, Path] | None]:
 
 def build_tokenizer(cfg: DataConfig, pairs: list[tuple[str, str]]) -> Tokenizer:
     """Learn the tokenizer from the training pairs only."""
-    if cfg.tokenizer == "sentencepiece":
-        text = [s for s, _ in pairs] + [t for _, t in pairs]
-        return SentencePieceTokenizer.train(text, vocab_size=cfg.vocab_size, model_type=cfg.sp_model_type)
-    return SpacyTokenizer.build(pairs, min_freq=cfg.min_freq, src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang)
+    try:
+        if cfg.tokenizer == "sentencepiece":
+            text = [s for s, _ in pairs] + [t for _, t in pairs]
+            return SentencePieceTokenizer.train(text, vocab_size=cfg.vocab_size, model_type=cfg.sp_model_type)
+        return SpacyTokenizer.build(pairs, min_freq=cfg.min_freq, src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang)
+    except ValueError as e:  # a vocabulary size or language the corpus cannot serve
+        raise ConfigError(f"'data.tokenizer' ({cfg.tokenizer}): {e}") from e
 
 
 class _Collated(Dataset):
