@@ -137,3 +137,28 @@ def test_copy_task_batches_are_reproducible_and_well_formed():
 def test_data_gen_symbols_in_range():
     batch = next(data_gen(CopyTaskConfig(), 1, torch.Generator().manual_seed(0)))
     assert batch.src.min() >= 1 and batch.src.max() <= 10 and batch.src.shape == (80, 10)
+
+
+def test_max_minutes_bounds_the_run(monkeypatch):
+    """With a clock that advances 10 s per reading, a 1-minute budget ends mid-epoch."""
+    import transformer.train as train_module
+
+    clock = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(clock))
+    trainer = Trainer(tiny_model(), TrainConfig(epochs=100, max_minutes=1.0), 0, torch.device("cpu"))
+    trainer.fit(lambda epoch: [make_batch([[3, 4]]) for _ in range(50)])
+    assert 1 <= trainer.step < 50 and trainer.epoch == 1
+    assert trainer.train_seconds >= 60
+
+
+def test_validate_every_n_steps_and_early_stop():
+    """validate runs every eval_every steps; returning True ends training there."""
+    seen = []
+
+    def validate(trainer):
+        seen.append(trainer.step)
+        return len(seen) == 3
+
+    trainer = Trainer(tiny_model(), TrainConfig(epochs=100, eval_every=2), 0, torch.device("cpu"))
+    trainer.fit(lambda epoch: [make_batch([[3, 4]]) for _ in range(5)], validate)
+    assert seen == [2, 4, 6] and trainer.step == 6

@@ -167,7 +167,7 @@ class Trainer:
         With ``cfg.eval_every``, ``validate`` runs every that many optimizer steps.
 
         Returns:
-            Loss per target token, target tokens, seconds (validation included).
+            Loss per target token, target tokens, seconds spent training (not validating).
         """
         self.model.train()
         n_batches = len(batches) if hasattr(batches, "__len__") else None
@@ -192,8 +192,12 @@ class Trainer:
                 )
                 window_loss, window_tokens, window_start = torch.zeros((), device=self.device), 0, now
             if validate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                paused = time.perf_counter()
                 self.stopped = validate(self)
                 self.model.train()
+                validating = time.perf_counter() - paused
+                start += validating  # the epoch's time and throughput count training only
+                window_start += validating
             if self.done:
                 break
         bar.close()
