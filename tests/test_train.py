@@ -162,3 +162,18 @@ def test_validate_every_n_steps_and_early_stop():
     trainer = Trainer(tiny_model(), TrainConfig(epochs=100, eval_every=2), 0, torch.device("cpu"))
     trainer.fit(lambda epoch: [make_batch([[3, 4]]) for _ in range(5)], validate)
     assert seen == [2, 4, 6] and trainer.step == 6
+
+
+def test_run_dir_with_checkpoints_is_never_reused(tmp_path):
+    from transformer.config import Config, TrainConfig
+    from transformer.experiment import new_run_dir
+
+    cfg = Config(train=TrainConfig(run_dir=str(tmp_path / "run")))
+    assert new_run_dir(cfg, "x") == tmp_path / "run"
+    (tmp_path / "run" / "config.yaml").write_text("model: {}\n")  # a run that failed early
+    assert new_run_dir(cfg, "x") == tmp_path / "run"
+    (tmp_path / "run" / "last.pt").write_bytes(b"work to keep")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        new_run_dir(cfg, "x")
+    fresh = Config(train=TrainConfig(runs_root=str(tmp_path / "runs")))
+    assert new_run_dir(fresh, "x") != new_run_dir(fresh, "x")  # default folders are always new

@@ -35,7 +35,9 @@ def new_run_dir(cfg: Config, name: str) -> Path:
     else a new timestamped folder under ``train.runs_root``."""
     if cfg.train.run_dir is not None:
         run_dir = Path(cfg.train.run_dir)
-        if run_dir.exists() and ((run_dir / "config.yaml").exists() or any(run_dir.glob("*.pt"))):
+        # A folder with checkpoints holds work to keep; one left by a run that failed
+        # before its first checkpoint (bad data, say) may be reused.
+        if (run_dir / "last.pt").exists() or (run_dir / "best.pt").exists():
             raise ConfigError(f"'train.run_dir': {run_dir} already holds a run; choose a new folder")
         run_dir.mkdir(parents=True, exist_ok=True)
         return run_dir
