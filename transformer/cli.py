@@ -61,6 +61,8 @@ def translate_main(argv: list[str] | None = None) -> int:
         "--no-cache", action="store_true", help="recompute the whole prefix at every step (the reference's way)"
     )
     args = parser.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
 
     from transformer.data import DataError, read_lines
     from transformer.evaluate import score
