@@ -21,10 +21,9 @@ class LabelSmoothing(nn.Module):
     gradients without materialising the distribution. ``smoothed_targets`` still
     builds it, for the tests and the figures.
 
-    Training calls ``from_logits`` instead, which fuses the log-softmax with the loss:
-    its gradient with respect to the logits is softmax(z) − q, computed in one pass
-    over one (N, V) buffer (autograd through log-softmax, gather and sum would build
-    several).
+    Training calls ``from_hidden`` instead, which fuses the output layer, the
+    log-softmax and the loss, chunk by chunk, with a hand-written backward
+    (softmax(z) − q).
 
     Args:
         size: vocabulary size V (at least 3).
@@ -127,37 +126,3 @@ class _SmoothedOutputLoss(torch.autograd.Function):
             grad_hidden[rows] = grad @ w
             grad_weight += grad.t() @ hidden[rows]
         return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None, None, None
-
-
-    def from_logits(self, logits: Tensor, target: Tensor) -> Tensor:
-        """The same loss from unnormalised scores: ``forward(log_softmax(logits), target)``.
-
-        Shape:
-            logits (N, V), target (N,) -> scalar.
-        """
-        return _SmoothedKLFromLogits.apply(logits, target, self)
-
-
-class _SmoothedKLFromLogits(torch.autograd.Function):
-    """log-softmax + ``LabelSmoothing`` with a hand-written backward: softmax(z) − q."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, crit: LabelSmoothing) -> Tensor:
-        log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        keep = target != crit.padding_idx
-        ctx.save_for_backward(log_probs, target, keep)
-        ctx.crit, ctx.dtype = crit, logits.dtype
-        return crit.forward(log_probs, target)
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        log_probs, target, keep = ctx.saved_tensors
-        crit = ctx.crit
-        grad = log_probs.exp()  # softmax
-        # Subtract q: `other` everywhere, then the rest of `confidence` on the target, and
-        # give back `other` on the padding column, where q is 0.
-        grad.sub_(crit.other)
-        grad.scatter_add_(1, target.unsqueeze(1), grad.new_full((grad.size(0), 1), crit.other - crit.confidence))
-        grad[:, crit.padding_idx] += crit.other
-        grad.mul_((keep.to(grad.dtype) * grad_output).unsqueeze(1))
-        return grad.to(ctx.dtype), None, None
