@@ -176,3 +176,24 @@ def test_label_smoothing_rejects_invalid_arguments(size, smoothing):
     """A vocabulary under 3 classes or a smoothing outside [0, 1) raises ValueError."""
     with pytest.raises(ValueError):
         LabelSmoothing(size, 0, smoothing)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("chunk", [3, 4, 100])
+def test_fused_output_loss_equals_kldiv_in_value_and_gradients(eps, chunk):
+    """from_hidden (output layer + loss, chunked, hand-written backward) == the KL form,
+    in value and in the gradients of the states, the weight and the bias."""
+    torch.manual_seed(0)
+    crit = LabelSmoothing(9, 0, eps)
+    proj = nn.Linear(5, 9).double()
+    hidden = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 2, 3, 4])  # padding included
+    params = [hidden, proj.weight, proj.bias]
+    fused = crit.from_hidden(hidden, proj, target, chunk=chunk)
+    fused_grads = torch.autograd.grad(1.7 * fused, params)
+    kl = nn.KLDivLoss(reduction="sum")(F.log_softmax(proj(hidden), -1), crit.smoothed_targets(target, torch.float64))
+    kl_grads = torch.autograd.grad(1.7 * kl, params)
+    torch.testing.assert_close(fused, kl, rtol=1e-12, atol=1e-12)
+    for a, b in zip(fused_grads, kl_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert fused_grads[0][target == 0].abs().max() == 0  # padding rows get no gradient
