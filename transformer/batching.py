@@ -99,6 +99,12 @@ def pad_sequences(seqs: list[list[int]], pad: int) -> Tensor:
     return out
 
 
+def seeded_generator(seed: int, stream: int) -> torch.Generator:
+    """A generator for one stream of a run's randomness (e.g. one epoch's batch order),
+    reproducible from the run's seed alone, so that a resumed run sees the same data."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + stream)
+
+
 def collate(src: list[list[int]], tgt: list[list[int]], pad: int) -> Batch:
     """Pad id lists of source and target (with ``<s>``/``</s>``) into a ``Batch``."""
     return Batch.make(pad_sequences(src, pad), pad_sequences(tgt, pad), pad=pad)

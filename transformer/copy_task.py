@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
-from transformer.batching import Batch, pad_sequences
+from transformer.batching import Batch, pad_sequences, seeded_generator
 from transformer.config import CopyTaskConfig
 from transformer.tokenize import IdTokenizer
 
@@ -44,16 +44,13 @@ class CopyTask:
         self.seed = seed
         self.tokenizer = IdTokenizer(cfg.vocab_size)
 
-    def _generator(self, stream: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + stream)
-
     def train_batches(self, epoch: int) -> Iterator[Batch]:
-        return data_gen(self.cfg, self.cfg.train_batches, self._generator(epoch + 1))
+        return data_gen(self.cfg, self.cfg.train_batches, seeded_generator(self.seed, epoch + 1))
 
     def valid_batches(self) -> Iterator[Batch]:
-        return data_gen(self.cfg, self.cfg.valid_batches, self._generator(0))
+        return data_gen(self.cfg, self.cfg.valid_batches, seeded_generator(self.seed, 0))
 
     def demo_sources(self, n: int) -> list[str]:
         """A few random sequences, as text, to decode at the end of training."""
-        seqs = random_sequences(self.cfg, n, self._generator(-1))
+        seqs = random_sequences(self.cfg, n, seeded_generator(self.seed, -1))
         return [self.tokenizer.decode_tgt(s) for s in seqs]

@@ -152,7 +152,7 @@ def _run(cfg: Config, run_dir: Path, demo_sentences: int) -> RunResult:
     log.info("saved %s and %s", run_dir / "last.pt", run_dir / "best.pt")
 
     if isinstance(task, TranslationTask):
-        return RunResult(run_dir, epochs, _test(cfg, task, run_dir, metrics, device, demo_sentences))
+        return RunResult(run_dir, epochs, _test(task, run_dir, metrics, device, demo_sentences))
     translator = Translator(model, task.tokenizer, cfg.decode, device)
     sources = task.demo_sources(demo_sentences)
     outputs = translator.translate(sources)
@@ -163,7 +163,7 @@ def _run(cfg: Config, run_dir: Path, demo_sentences: int) -> RunResult:
     return RunResult(run_dir, epochs, list(zip(sources, outputs)))
 
 
-def _test(cfg: Config, task: TranslationTask, run_dir: Path, metrics: MetricsLog, device, n_demo: int):
+def _test(task: TranslationTask, run_dir: Path, metrics: MetricsLog, device, n_demo: int):
     """Score the best checkpoint on the test set; write its translations beside it."""
     if not task.test_src:
         return []

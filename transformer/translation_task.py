@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, Dataset
 
-from transformer.batching import Batch, collate, token_batches
+from transformer.batching import Batch, collate, seeded_generator, token_batches
 from transformer.config import Config, ConfigError, DataConfig
 from transformer.data import ensure_multi30k, filter_training_pairs, read_parallel, resolve_data_dir, split_paths
 from transformer.tokenize import SentencePieceTokenizer, SpacyTokenizer, Tokenizer
@@ -91,21 +90,16 @@ class TranslationTask:
         valid_src = [tok.encode_src(s) for s in self.valid_src]
         valid_tgt = [tok.encode_tgt(t) for t in self.valid_ref]
         plan = token_batches([len(s) for s in valid_src], [len(t) for t in valid_tgt], self._budget(valid_src, valid_tgt))
-        self._valid = [collate([valid_src[j] for j in b], [valid_tgt[j] for j in b], tok.pad_id) for b in plan]
+        self._valid = list(_Lazy(_Collated(valid_src, valid_tgt, plan, tok.pad_id)))
 
     def _budget(self, src: list[list[int]], tgt: list[list[int]]) -> int:
         """The batch budget, widened for validation sentences longer than it (never dropped)."""
         longest = max((max(len(s), len(t)) for s, t in zip(src, tgt)), default=0)
         return max(self.cfg.batch_tokens, longest)
 
-    @property
-    def target_tokens(self) -> int:
-        """Target tokens the loss sees per epoch (</s> included, <s> not)."""
-        return sum(len(t) - 1 for t in self.train_tgt)
-
-    def train_batches(self, epoch: int) -> DataLoader | list[Batch]:
+    def train_batches(self, epoch: int) -> Iterable[Batch]:
         """Epoch ``epoch``'s batches: a fresh shuffle, reproducible from the seed and epoch."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 1)
+        generator = seeded_generator(self.seed, epoch + 1)
         plan = token_batches(
             [len(s) for s in self.train_src], [len(t) for t in self.train_tgt], self.cfg.batch_tokens, generator
         )
