@@ -94,6 +94,7 @@ class TrainConfig:
     log_every: int = 10  # refresh the progress bar's figures every N steps
     eval_every: int | None = None  # validate every N steps; None: after every epoch
     patience: int | None = None  # stop after this many validations without a better score
+    keep_checkpoints: int = 0  # also keep the last N evaluation points as step-<N>.pt (for averaging)
     run_dir: str | None = None  # default: a new folder under runs_root
     runs_root: str = "runs"
 
@@ -102,9 +103,13 @@ class TrainConfig:
 class DecodeConfig:
     """Decoding (translation)."""
 
+    beam_size: int = 5  # 1: greedy decoding
+    length_penalty: float = 1.0  # GNMT's alpha: rank by log-prob / ((5 + length) / 6) ** alpha
+    nbest: int = 1  # hypotheses kept per sentence (at most beam_size)
     max_len_a: float = 1.5  # generate at most a·source_length + b tokens
     max_len_b: int = 10
-    batch_size: int = 64  # sentences decoded together
+    batch_size: int = 64  # sentences decoded together, at most
+    batch_tokens: int = 4096  # source tokens (padding included) decoded together, at most
     cache: bool = True  # False: recompute the whole prefix at every step, as the reference
 
 
@@ -190,6 +195,8 @@ def _check(cfg: Config) -> None:
         "model.N": m.N, "model.d_model": m.d_model, "model.d_ff": m.d_ff, "model.h": m.h,
         "model.max_len": m.max_len, "train.accum_steps": t.accum_steps, "train.warmup": t.warmup,
         "train.epochs": t.epochs, "train.log_every": t.log_every, "decode.batch_size": cfg.decode.batch_size,
+        "decode.beam_size": cfg.decode.beam_size, "decode.nbest": cfg.decode.nbest,
+        "decode.batch_tokens": cfg.decode.batch_tokens,
         "data.vocab_size": cfg.data.vocab_size, "data.min_freq": cfg.data.min_freq, "data.max_len": cfg.data.max_len,
         "data.batch_tokens": cfg.data.batch_tokens,
     }
@@ -209,6 +216,12 @@ def _check(cfg: Config) -> None:
     for key, value in optional.items():
         if value is not None and value <= 0:
             raise ConfigError(f"'{key}' must be positive (or null), got {value}")
+    if cfg.decode.nbest > cfg.decode.beam_size:
+        raise ConfigError(
+            f"'decode.nbest' ({cfg.decode.nbest}) must not exceed decode.beam_size ({cfg.decode.beam_size})"
+        )
+    if t.keep_checkpoints < 0:
+        raise ConfigError(f"'train.keep_checkpoints' must be 0 or more, got {t.keep_checkpoints}")
     if cfg.data.workers < 0:
         raise ConfigError(f"'data.workers' must be 0 or more, got {cfg.data.workers}")
     # A training sentence has up to data.max_len tokens plus <s> and </s>.

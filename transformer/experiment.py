@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from transformer.evaluate import score
 from transformer.model import EncoderDecoder
 from transformer.tokenize import Tokenizer
 from transformer.train import EpochSummary, Trainer
-from transformer.translate import Translator
+from transformer.translate import Translator, decoding_name
 from transformer.translation_task import TranslationTask
 from transformer.utils import MetricsLog, resolve_device, setup_logging
 
@@ -88,7 +89,9 @@ class Validator:
         record["valid_loss"] = trainer.evaluate(self.task.valid_batches())
         text = f"valid loss {record['valid_loss']:.4f}"
         if isinstance(self.task, TranslationTask):
-            translator = Translator(trainer.model, self.task.tokenizer, self.cfg.decode, self.device)
+            # Greedy: beam search at every evaluation point would cost more than it tells.
+            greedy = dataclasses.replace(self.cfg.decode, beam_size=1, nbest=1)
+            translator = Translator(trainer.model, self.task.tokenizer, greedy, self.device)
             scores = score(translator.translate(self.task.valid_src), self.task.valid_ref)
             record.update(bleu=scores.bleu, chrf=scores.chrf)
             current = scores.bleu
@@ -98,6 +101,7 @@ class Validator:
         improved = self.best is None or current > self.best
         state = checkpoint_state(self.cfg, trainer.model, self.task.tokenizer, trainer)
         save_checkpoint(self.run_dir / "last.pt", state)
+        self._keep(state, trainer.step)
         if improved:
             self.best, self.bad_evals = current, 0
             save_checkpoint(self.run_dir / "best.pt", state)
@@ -111,6 +115,17 @@ class Validator:
             log.info("no improvement in %d validations: stopping early", patience)
             return True
         return False
+
+
+    def _keep(self, state: dict[str, Any], step: int) -> None:
+        """Save this evaluation point as step-<step>.pt and drop the ones beyond the last N."""
+        n = self.cfg.train.keep_checkpoints
+        if n == 0:
+            return
+        save_checkpoint(self.run_dir / f"step-{step}.pt", state)
+        kept = sorted(self.run_dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+        for old in kept[:-n]:
+            old.unlink()
 
 
 @dataclass
@@ -171,9 +186,10 @@ def _test(task: TranslationTask, run_dir: Path, metrics: MetricsLog, device, n_d
     hypotheses = translator.translate(task.test_src)
     (run_dir / "test.hyp.txt").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
     scores = score(hypotheses, task.test_ref)
+    decoding = decoding_name(translator.cfg)
     metrics.write(kind="test", bleu=scores.bleu, chrf=scores.chrf, bleu_lc=scores.bleu_lc,
-                  signature=scores.bleu_signature, decoding="greedy")
-    log.info("test (best.pt, greedy): %s", scores.summary())
+                  signature=scores.bleu_signature, decoding=decoding)
+    log.info("test (best.pt, %s): %s", decoding, scores.summary())
     demo = list(zip(task.test_src[:n_demo], hypotheses[:n_demo]))
     for src, out in demo:
         log.info("decode: %s -> %s", src, out)

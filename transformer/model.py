@@ -131,11 +131,17 @@ class DecoderCache:
     def empty(cls, n_layers: int) -> "DecoderCache":
         return cls(layers=[LayerCache() for _ in range(n_layers)])
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep the batch rows ``index``, in that order (beam search reorders hypotheses)."""
+    def reorder(self, index: Tensor, static: bool = True) -> None:
+        """Keep the batch rows ``index``, in that order (beam search reorders hypotheses).
+
+        With ``static`` False the encoder-decoder keys and values stay as they are:
+        right when ``index`` only moves rows among copies of the same source, as beam
+        search does within one sentence, and it saves copying them at every step.
+        """
         for layer in self.layers:
             layer.self_attn.reorder(index)
-            layer.src_attn.reorder(index)
+            if static:
+                layer.src_attn.reorder(index)
 
 
 class DecoderLayer(nn.Module):

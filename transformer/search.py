@@ -1,11 +1,19 @@
-"""Decoding: turn a source batch into target ids with a trained model."""
+"""Decoding: turn a source batch into target ids with a trained model.
+
+``greedy_decode`` takes the most probable token at every step; ``beam_search`` keeps
+the ``beam_size`` best prefixes of every sentence. Both decode a whole batch at once
+and, by default, feed only the newest token to the decoder at each step, reusing the
+keys and values of the earlier ones from a ``DecoderCache``.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from transformer.batching import subsequent_mask
+from transformer.batching import subsequent_mask, target_mask
 from transformer.model import EncoderDecoder
 
 
@@ -69,3 +77,199 @@ def strip_hypothesis(ids: Tensor | list[int], end_symbol: int | None, pad: int) 
             break
         out.append(i)
     return out
+
+
+def length_penalty(length: int | Tensor, alpha: float) -> float | Tensor:
+    """GNMT's length normaliser ((5 + length) / 6) ** alpha (Wu et al., 2016).
+
+    A hypothesis is ranked by its log-probability divided by this. With alpha 0 the
+    penalty is 1 (plain log-probability, which favours short outputs); larger alpha
+    favours longer ones.
+    """
+    return ((5 + length) / 6) ** alpha
+
+
+@dataclass
+class Hypothesis:
+    """One finished output of beam search.
+
+    Attributes:
+        tokens: target ids, without the start and end symbols.
+        score: ``log_prob / length_penalty(length, alpha)``; higher is better.
+        log_prob: the sum of the log-probabilities of the tokens and of the end symbol.
+        length: the length the penalty was computed for: the tokens plus the end
+            symbol, or just the tokens for a hypothesis cut at the length limit.
+    """
+
+    tokens: list[int]
+    score: float
+    log_prob: float
+    length: int
+
+
+@torch.no_grad()
+def beam_search(
+    model: EncoderDecoder,
+    src: Tensor,
+    src_mask: Tensor,
+    max_len: int | Tensor,
+    start_symbol: int,
+    end_symbol: int | None,
+    beam_size: int,
+    alpha: float = 0.0,
+    nbest: int = 1,
+    pad: int = 0,
+    use_cache: bool = True,
+) -> list[list[Hypothesis]]:
+    """Keep the ``beam_size`` most probable prefixes of every sentence, step by step.
+
+    All sentences and their beams are decoded together, as ``B * beam_size`` rows. At
+    each step every live prefix is extended by every token; of the ``2 * beam_size``
+    best extensions of a sentence, those in its top ``beam_size`` that end with
+    ``end_symbol`` become finished hypotheses, and the best ``beam_size`` that do not
+    end stay live. The decoder cache is reordered to follow the surviving prefixes.
+
+    A sentence's search ends when it has ``nbest`` finished hypotheses and no live
+    prefix can still beat the ``nbest``-th of them, whatever it appends (its score can
+    only fall as tokens are added, and its length penalty is bounded by the length
+    limit), or when it reaches its length limit (its live prefixes are then finished
+    as they are). Finished sentences leave the batch, so the rest decode faster.
+
+    With ``beam_size`` 1 and ``alpha`` 0 this finds what ``greedy_decode`` finds.
+
+    Args:
+        max_len: tokens to generate at most, after the start symbol: one number for the
+            batch or one per sentence (B,).
+        alpha: the length penalty's exponent (see ``length_penalty``).
+        nbest: hypotheses to return per sentence, at most ``beam_size``.
+
+    Returns:
+        For each sentence, its best ``nbest`` distinct hypotheses, best first.
+
+    Shape:
+        src (B, S), src_mask (B, 1, S).
+    """
+    if beam_size < 1 or not 1 <= nbest <= beam_size:
+        raise ValueError(f"need 1 <= nbest ({nbest}) <= beam_size ({beam_size})")
+    batch, k, device = src.size(0), beam_size, src.device
+    limits = torch.as_tensor(max_len).expand(batch).tolist()
+    memory = model.encode(src, src_mask).repeat_interleave(k, dim=0)  # (B*k, S, d_model)
+    src_mask = src_mask.repeat_interleave(k, dim=0)
+    tokens = torch.full((batch * k, 1), start_symbol, dtype=torch.long, device=device)
+    # Every beam starts as the same prefix; only the first is live, or the first step
+    # would fill the beam with copies of one extension.
+    scores = torch.full((batch, k), -torch.inf, device=device)
+    scores[:, 0] = 0.0
+    active = list(range(batch))  # the sentence each group of k rows belongs to
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    cache = model.new_cache() if use_cache else None
+    step = 0
+    while active:
+        step += 1  # the length of the prefixes after this step, without the start symbol
+        if cache is not None:
+            out, cache = model.decode(memory, src_mask, tokens[:, -1:], None, cache)
+        else:
+            out = model.decode(memory, src_mask, tokens, subsequent_mask(tokens.size(1), device=device))
+        log_probs = model.generator(out[:, -1]).float()  # (b*k, V)
+        log_probs[:, pad] = -torch.inf  # padding is never a word
+        b, vocab = len(active), log_probs.size(-1)
+        candidates = (scores.unsqueeze(-1) + log_probs.view(b, k, vocab)).view(b, k * vocab)
+        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # (b, 2k), best first
+        top_beam, top_word = top_index // vocab, top_index % vocab
+        ends = top_word == end_symbol if end_symbol is not None else torch.zeros_like(top_word, dtype=torch.bool)
+        # The best k extensions that do not end; stable sorting keeps them best first.
+        keep = torch.sort((~ends).to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :k]
+        live_scores = top_scores.gather(1, keep)
+
+        at_limit = [limits[i] <= step for i in active]
+        # Finish the ending extensions in each sentence's top k, and at the length
+        # limit all of its top k.
+        finish = ends.clone()
+        finish[:, k:] = False
+        finish[torch.tensor(at_limit, device=device), :k] = True
+        finish &= top_scores > -torch.inf
+        for g, j in finish.nonzero().tolist():
+            row = g * k + int(top_beam[g, j])
+            ended = bool(ends[g, j])
+            words = tokens[row, 1:].tolist() + ([] if ended else [int(top_word[g, j])])
+            log_prob = float(top_scores[g, j])
+            length = step if ended else len(words)
+            _insert(finished[active[g]], Hypothesis(words, log_prob / length_penalty(length, alpha), log_prob, length), nbest)
+
+        # Which sentences go on: not at their limit, with a live prefix that could
+        # still beat their nbest-th finished hypothesis.
+        best_live = live_scores[:, 0].tolist()
+        going = []
+        for g, i in enumerate(active):
+            if at_limit[g] or best_live[g] == -torch.inf:
+                continue
+            done = finished[i]
+            if len(done) == nbest:
+                # The log-probability can only fall; the penalty is largest (alpha > 0)
+                # at the limit, or (alpha < 0) at the next step.
+                longest = limits[i] if alpha > 0 else step + 1
+                if best_live[g] / length_penalty(longest, alpha) <= done[-1].score:
+                    continue
+            going.append(g)
+        if not going:
+            break
+        groups = torch.tensor(going, device=device)
+        rows = (groups.unsqueeze(1) * k + top_beam.gather(1, keep)[groups]).view(-1)  # (b'*k,)
+        tokens = torch.cat([tokens[rows], top_word.gather(1, keep)[groups].view(-1, 1)], dim=1)
+        scores = live_scores[groups]
+        if len(going) < b:  # sentences left the batch: drop their rows everywhere
+            kept = (groups.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+            memory, src_mask = memory[kept], src_mask[kept]
+            if cache is not None:
+                cache.reorder(rows)
+        elif cache is not None:
+            # Rows only moved among the beams of their own sentence, whose
+            # encoder-decoder keys and values are identical: leave those in place.
+            cache.reorder(rows, static=False)
+        active = [active[g] for g in going]
+    return finished
+
+
+def _insert(kept: list[Hypothesis], hyp: Hypothesis, n: int) -> None:
+    """Put ``hyp`` into ``kept`` (sorted best first), keeping at most ``n``."""
+    at = len(kept)
+    while at > 0 and kept[at - 1].score < hyp.score:
+        at -= 1
+    if at < n:
+        kept.insert(at, hyp)
+        del kept[n:]
+
+
+@torch.no_grad()
+def rescore(
+    model: EncoderDecoder,
+    src: Tensor,
+    src_mask: Tensor,
+    hypotheses: list[list[int]],
+    start_symbol: int,
+    end_symbol: int | None,
+    pad: int = 0,
+    ended: list[bool] | None = None,
+) -> Tensor:
+    """Log-probability of each target sequence given its source, by one teacher-forced pass.
+
+    Args:
+        hypotheses: one list of target ids per source row, without start or end symbol.
+        ended: per hypothesis, whether the end symbol's log-probability is included
+            (default: yes, when there is an end symbol).
+
+    Shape:
+        src (B, S), src_mask (B, 1, S) -> (B,), float32.
+    """
+    if ended is None:
+        ended = [end_symbol is not None] * len(hypotheses)
+    targets = [h + [end_symbol] if e else list(h) for h, e in zip(hypotheses, ended)]
+    width = max(1, max(len(t) for t in targets))
+    gold = torch.full((len(targets), width), pad, dtype=torch.long)
+    for i, t in enumerate(targets):
+        gold[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    gold = gold.to(src.device)
+    tgt = torch.cat([torch.full_like(gold[:, :1], start_symbol), gold[:, :-1]], dim=1)
+    out = model.decode(model.encode(src, src_mask), src_mask, tgt, target_mask(tgt, pad))
+    log_probs = model.generator(out).float().gather(2, gold.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return log_probs.masked_fill(gold == pad, 0.0).sum(dim=1)

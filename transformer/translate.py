@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from transformer.batching import pad_sequences, padding_mask
 from transformer.checkpoint import load_model
 from transformer.config import DecodeConfig
 from transformer.model import EncoderDecoder
-from transformer.search import greedy_decode, strip_hypothesis
+from transformer.search import Hypothesis, beam_search, greedy_decode, length_penalty, rescore, strip_hypothesis
 from transformer.tokenize import Tokenizer
 from transformer.utils import resolve_device
 
@@ -24,8 +25,9 @@ class Translator:
     """A model, its tokenizer and decoding settings: sentences in, sentences out.
 
     Sentences are decoded in batches sorted by length (less padding) and returned in
-    the input order. An empty sentence gives an empty translation; one longer than the
-    model's positional table is cut, with a warning.
+    the input order, greedily or with beam search as ``cfg.beam_size`` says. An empty
+    sentence gives an empty translation; one longer than the model's positional table
+    is cut, with a warning.
     """
 
     def __init__(self, model: EncoderDecoder, tokenizer: Tokenizer, cfg: DecodeConfig, device: torch.device):
@@ -47,40 +49,104 @@ class Translator:
         cap = self.max_positions - 1  # the start symbol takes one position
         return torch.tensor([max(1, min(cap, int(self.cfg.max_len_a * n + self.cfg.max_len_b))) for n in lengths])
 
-    def translate_ids(self, sources: Sequence[list[int]]) -> list[list[int]]:
-        """Decode source id lists (no padding) into target id lists (no specials)."""
-        tok = self.tokenizer
-        results: list[list[int]] = [[] for _ in sources]
+    def _batches(self, sources: Sequence[list[int]]) -> Iterator[list[int]]:
+        """Indices of the non-empty sources, sorted by length and cut into batches of at
+        most ``batch_size`` sentences and ``batch_tokens`` padded source tokens."""
         order = sorted((i for i, s in enumerate(sources) if s), key=lambda i: len(sources[i]))
+        batch: list[int] = []
+        for i in order:
+            # Sorted by length, so the newest source is the longest of the batch.
+            if batch and (len(batch) == self.cfg.batch_size or (len(batch) + 1) * len(sources[i]) > self.cfg.batch_tokens):
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
+    def search(self, sources: Sequence[list[int]], nbest: int | None = None, scores: bool = True) -> list[list[Hypothesis]]:
+        """Decode source id lists (no padding) into hypotheses, best first.
+
+        ``beam_size`` 1 decodes greedily; its one hypothesis is then scored by running
+        the model over it (unless ``scores`` is False, when scores are NaN). An empty
+        source gives one empty hypothesis.
+
+        Args:
+            nbest: hypotheses per sentence (default: the config's ``nbest``).
+        """
+        tok, cfg = self.tokenizer, self.cfg
+        nbest = cfg.nbest if nbest is None else nbest
+        if not 1 <= nbest <= cfg.beam_size:
+            raise ValueError(f"nbest ({nbest}) must be between 1 and the beam size ({cfg.beam_size})")
+        results: list[list[Hypothesis]] = [[Hypothesis([], math.nan, math.nan, 0)] for _ in sources]
         self.model.eval()
-        for start in range(0, len(order), self.cfg.batch_size):
-            index = order[start : start + self.cfg.batch_size]
+        for index in self._batches(sources):
             src = pad_sequences([sources[i] for i in index], tok.pad_id).to(self.device)
-            ys = greedy_decode(
-                self.model,
-                src,
-                padding_mask(src, tok.pad_id),
-                self._limits([len(sources[i]) for i in index]).to(self.device),
-                start_symbol=tok.bos_id,
-                end_symbol=tok.eos_id,
-                pad=tok.pad_id,
-                use_cache=self.cfg.cache,
-            )
-            for i, row in zip(index, ys.cpu()):
-                results[i] = strip_hypothesis(row, tok.eos_id, tok.pad_id)
+            src_mask = padding_mask(src, tok.pad_id)
+            limits = self._limits([len(sources[i]) for i in index]).to(self.device)
+            if cfg.beam_size > 1:
+                found = beam_search(
+                    self.model, src, src_mask, limits, tok.bos_id, tok.eos_id, cfg.beam_size,
+                    alpha=cfg.length_penalty, nbest=nbest, pad=tok.pad_id, use_cache=cfg.cache,
+                )
+            else:
+                ys = greedy_decode(self.model, src, src_mask, limits, tok.bos_id, tok.eos_id, tok.pad_id, cfg.cache)
+                found = [[self._greedy_hypothesis(row, limit)] for row, limit in zip(ys.tolist(), limits.tolist())]
+                if scores:
+                    self._score(found, src, src_mask)
+            for i, hyps in zip(index, found):
+                results[i] = hyps
         return results
 
-    def translate(self, sentences: Sequence[str]) -> list[str]:
-        """Translate sentences; the output list matches the input one to one."""
+    def _greedy_hypothesis(self, row: list[int], limit: int) -> Hypothesis:
+        tokens = strip_hypothesis(row, self.tokenizer.eos_id, self.tokenizer.pad_id)
+        ended = self.tokenizer.eos_id is not None and len(tokens) < limit
+        return Hypothesis(tokens, math.nan, math.nan, len(tokens) + ended)
+
+    def _score(self, found: list[list[Hypothesis]], src: torch.Tensor, src_mask: torch.Tensor) -> None:
+        """Fill in the log-probability and score of greedy hypotheses."""
+        tok, hyps = self.tokenizer, [h[0] for h in found]
+        log_probs = rescore(
+            self.model, src, src_mask, [h.tokens for h in hyps], tok.bos_id, tok.eos_id, tok.pad_id,
+            ended=[h.length > len(h.tokens) for h in hyps],
+        )
+        for h, lp in zip(hyps, log_probs.tolist()):
+            h.log_prob, h.score = lp, lp / length_penalty(h.length, self.cfg.length_penalty)
+
+    def translate_ids(self, sources: Sequence[list[int]]) -> list[list[int]]:
+        """Decode source id lists (no padding) into target id lists (no specials)."""
+        return [hyps[0].tokens for hyps in self.search(sources, nbest=1, scores=False)]
+
+    def encode(self, sentences: Sequence[str], first_line: int = 1) -> list[list[int]]:
+        """Source ids of each sentence, cut (with a warning) to the model's limit.
+
+        ``first_line`` numbers the sentences in the warnings.
+        """
         sources = []
-        for n, sentence in enumerate(sentences, 1):
+        for n, sentence in enumerate(sentences, first_line):
             ids = self.tokenizer.encode_src(sentence)
             if len(ids) > self.max_positions:
                 log.warning(
-                    "sentence %d has %d tokens; cut to the model's limit of %d", n, len(ids), self.max_positions
+                    "line %d has %d tokens; cut to the model's limit of %d", n, len(ids), self.max_positions
                 )
                 ids = ids[: self.max_positions]
             sources.append(ids)
+        return sources
+
+    def detokenize(self, ids: Sequence[int]) -> str:
         # A model can emit line breaks (e.g. through byte pieces); one input line must
         # stay one output line, so every kind of line break becomes a space.
-        return [" ".join(self.tokenizer.decode_tgt(ids).splitlines()) for ids in self.translate_ids(sources)]
+        return " ".join(self.tokenizer.decode_tgt(ids).splitlines())
+
+    def translate(self, sentences: Sequence[str], first_line: int = 1) -> list[str]:
+        """Translate sentences; the output list matches the input one to one."""
+        return [self.detokenize(ids) for ids in self.translate_ids(self.encode(sentences, first_line))]
+
+    def translate_nbest(self, sentences: Sequence[str], nbest: int, first_line: int = 1) -> list[list[tuple[str, float]]]:
+        """The ``nbest`` best translations of each sentence with their scores, best first."""
+        found = self.search(self.encode(sentences, first_line), nbest=nbest)
+        return [[(self.detokenize(h.tokens), h.score) for h in hyps] for hyps in found]
+
+
+def decoding_name(cfg: DecodeConfig) -> str:
+    """How ``cfg`` decodes, in words for logs and reports: "greedy" or "beam 5, alpha 1.0"."""
+    return "greedy" if cfg.beam_size == 1 else f"beam {cfg.beam_size}, alpha {cfg.length_penalty:g}"
