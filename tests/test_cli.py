@@ -93,3 +93,50 @@ def test_copy_task_end_to_end(tmp_path):
     for cache in (True, False):
         translator = Translator.from_checkpoint(ckpt, device="cpu", cache=cache)
         assert translator.translate(sources) == sources
+
+
+def test_translate_nbest_lines(tiny_run):
+    run_dir, _ = tiny_run
+    result = run_cli("translate.py", "--checkpoint", str(run_dir / "last.pt"), "--beam-size", "3", "--nbest", "2",
+                     input="3 4 5\n\n7 8\n")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [(r[0], r[1]) for r in rows] == [("1", "1"), ("1", "2"), ("2", "1"), ("3", "1"), ("3", "2")]
+    assert rows[2][3] == ""
+    for a, b in ((rows[0], rows[1]), (rows[3], rows[4])):
+        assert float(a[2]) >= float(b[2]) and a[3] != b[3]
+    assert [len(r[3].split()) for r in rows] == [3, 3, 0, 2, 2]
+
+
+def test_translate_flag_errors(tiny_run):
+    run_dir, _ = tiny_run
+    ckpt = str(run_dir / "last.pt")
+    result = run_cli("translate.py", "--checkpoint", ckpt, "--beam-size", "2", "--nbest", "3", "1 2")
+    assert result.returncode == 2 and "--nbest" in result.stderr
+    result = run_cli("translate.py", "--checkpoint", ckpt, "--nbest", "2", "1 2")  # copy.yaml decodes greedily
+    assert result.returncode == 2 and "beam size (1)" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("translate.py", "--checkpoint", ckpt, "--batch-tokens", "0", "1 2")
+    assert result.returncode == 2 and "--batch-tokens" in result.stderr
+
+
+def test_translate_max_len_and_output_file(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    out = tmp_path / "out.txt"
+    result = run_cli("translate.py", "--checkpoint", str(run_dir / "last.pt"), "--max-len", "0", "2",
+                     "--output", str(out), "3 4 5 6 7", "8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert [len(line.split()) for line in out.read_text().splitlines()] == [2, 2]  # 0·length + 2 tokens
+
+
+def test_translate_plots_attention(tiny_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    run_dir, _ = tiny_run
+    pictures = tmp_path / "attention"
+    result = run_cli("translate.py", "--checkpoint", str(run_dir / "last.pt"), "--plot-attention", str(pictures),
+                     input="3 4 5\n\n6 7\n")
+    assert result.returncode == 0, result.stderr
+    kinds = ("encoder", "decoder_self", "encoder_decoder")
+    expected = {f"{n:05d}-{k}.png" for n in (1, 3) for k in kinds}  # none for the empty line
+    assert {p.name for p in pictures.iterdir()} == expected
+    assert all((pictures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in expected)

@@ -102,6 +102,10 @@ class MultiHeadedAttention(nn.Module):
         self.dropout_p = dropout
         self.dropout = nn.Dropout(dropout)
         self.use_sdpa = use_sdpa
+        # Set by ``record_attention``: keep the last weights in ``self.attn``, as the
+        # reference always did (for its pictures); off otherwise, as SDPA has none.
+        self.keep_attention = False
+        self.attn: Tensor | None = None
 
     def _split_heads(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
@@ -142,12 +146,14 @@ class MultiHeadedAttention(nn.Module):
         if mask is not None:
             mask = mask.unsqueeze(1)  # same mask for every head: (B, 1, T_q or 1, T_k)
 
-        if self.use_sdpa:
+        if self.use_sdpa and not self.keep_attention:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
             )
         else:
-            x, _ = attention(q, k, v, mask=mask, dropout=self.dropout)
+            x, p_attn = attention(q, k, v, mask=mask, dropout=self.dropout)
+            if self.keep_attention:
+                self.attn = p_attn
         b, _, t, _ = x.shape
         x = x.transpose(1, 2).reshape(b, t, self.h * self.d_k)  # (B, T_q, d_model)
         return self.linears[3](x)

@@ -48,50 +48,117 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+NBEST_FORMAT = "LINE<TAB>RANK<TAB>SCORE<TAB>TRANSLATION"
+
+
 def translate_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Translate sentences with a trained checkpoint.")
+    parser = argparse.ArgumentParser(
+        description="Translate sentences with a trained checkpoint.",
+        epilog=f"With --nbest N, each input line gives N output lines {NBEST_FORMAT}: the input's line number "
+        "(from 1), the rank (1 = best), the score (log-probability / length penalty) and the text.",
+    )
     parser.add_argument("--checkpoint", required=True, help="a .pt file written by train.py")
     parser.add_argument("sentences", nargs="*", help="sentences to translate (default: --input, else stdin)")
     parser.add_argument("--input", help="file with one sentence per line (plain or .gz)")
     parser.add_argument("--output", help="write translations here instead of stdout")
     parser.add_argument("--reference", help="reference translations (one per line): print BLEU and chrF to stderr")
+    parser.add_argument("--beam-size", type=int, help="beams per sentence; 1 = greedy (default: the checkpoint's)")
+    parser.add_argument(
+        "--length-penalty", type=float, metavar="ALPHA",
+        help="GNMT length penalty: rank by log-prob / ((5 + length) / 6) ** ALPHA (default: the checkpoint's)",
+    )
+    parser.add_argument(
+        "--max-len", type=float, nargs=2, metavar=("A", "B"),
+        help="generate at most A * source_length + B tokens (default: the checkpoint's)",
+    )
+    parser.add_argument("--nbest", type=int, default=1, help=f"print N hypotheses per line as {NBEST_FORMAT}")
+    parser.add_argument("--batch-size", type=int, help="sentences decoded together, at most")
+    parser.add_argument("--batch-tokens", type=int, help="source tokens decoded together, at most")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--batch-size", type=int, default=None, help="sentences decoded together")
     parser.add_argument(
         "--no-cache", action="store_true", help="recompute the whole prefix at every step (the reference's way)"
     )
+    parser.add_argument(
+        "--plot-attention", metavar="DIR", type=Path,
+        help="write the attention maps of each sentence to DIR as LINE-{encoder,decoder_self,encoder_decoder}.png",
+    )
     args = parser.parse_args(argv)
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
+    for flag in ("beam_size", "nbest", "batch_size", "batch_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.beam_size is not None and args.nbest > args.beam_size:
+        parser.error(f"--nbest ({args.nbest}) must not exceed --beam-size ({args.beam_size})")
 
-    from transformer.data import DataError, read_lines
+    from transformer.data import DataError, iter_lines, read_lines
     from transformer.evaluate import score
     from transformer.translate import Translator
     from transformer.utils import setup_logging
 
     setup_logging()
     overrides = {"cache": not args.no_cache}
-    if args.batch_size is not None:
-        overrides["batch_size"] = args.batch_size
+    for flag in ("beam_size", "length_penalty", "batch_size", "batch_tokens"):
+        if getattr(args, flag) is not None:
+            overrides[flag] = getattr(args, flag)
+    if args.max_len is not None:
+        overrides["max_len_a"], overrides["max_len_b"] = args.max_len
     try:
+        if args.plot_attention is not None:
+            from transformer.plots import require_matplotlib
+
+            require_matplotlib()
         translator = Translator.from_checkpoint(args.checkpoint, device=args.device, **overrides)
+        if args.nbest > translator.cfg.beam_size:
+            return _fail(f"--nbest ({args.nbest}) exceeds the beam size ({translator.cfg.beam_size}); set --beam-size")
         if args.sentences:
-            lines = args.sentences
+            lines = iter(args.sentences)
         elif args.input:
-            lines = read_lines(Path(args.input))
+            lines = iter_lines(Path(args.input))
         else:
-            lines = [line.strip() for line in sys.stdin]
-        references = read_lines(Path(args.reference)) if args.reference else None
-        if references is not None and len(references) != len(lines):
-            raise DataError(f"{args.reference}: {len(references)} references for {len(lines)} input lines")
-        outputs = translator.translate(lines)
-    except (ConfigError, CheckpointError, DataError, ValueError) as e:
+            lines = iter_lines(sys.stdin.buffer, "<stdin>")
+        references = None
+        if args.reference:
+            # Scoring needs every line anyway: read the input first, so that a count
+            # mismatch is reported before any decoding.
+            references, lines = read_lines(Path(args.reference)), list(lines)
+            if len(references) != len(lines):
+                raise DataError(f"{args.reference}: {len(references)} references for {len(lines)} input lines")
+        interactive = not args.sentences and not args.input and sys.stdin.isatty()
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+        try:
+            best = _translate_stream(translator, lines, out, args, chunk=1 if interactive else 2000)
+        finally:
+            if out is not sys.stdout:
+                out.close()
+    except (ConfigError, CheckpointError, DataError, ValueError, ImportError, OSError) as e:
         return _fail(str(e))
-    text = "".join(out + "\n" for out in outputs)
-    if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
-    else:
-        sys.stdout.write(text)
     if references is not None:
-        print(score(outputs, references).summary(), file=sys.stderr)
+        print(score(best, references).summary(), file=sys.stderr)
     return 0
+
+
+def _translate_stream(translator, lines, out, args, chunk: int) -> list[str]:
+    """Translate ``lines`` ``chunk`` at a time (batches are sorted within a chunk), writing
+    each chunk's output in input order as soon as it is done; returns the best outputs."""
+    from itertools import islice
+
+    from transformer.plots import plot_sentence
+
+    best: list[str] = []
+    first = 1
+    lines = iter(lines)
+    while block := list(islice(lines, chunk)):
+        sources = translator.encode(block, first)
+        found = translator.search(sources, nbest=args.nbest, scores=args.nbest > 1)
+        for n, (src, hyps) in enumerate(zip(sources, found), first):
+            texts = [translator.detokenize(h.tokens) for h in hyps]
+            best.append(texts[0])
+            if args.nbest > 1:
+                out.writelines(f"{n}\t{rank}\t{h.score:.4f}\t{t}\n" for rank, (h, t) in enumerate(zip(hyps, texts), 1))
+            else:
+                out.write(texts[0] + "\n")
+            if args.plot_attention is not None and src:
+                plot_sentence(translator.model, translator.tokenizer, src, hyps[0].tokens, args.plot_attention, f"{n:05d}")
+        out.flush()
+        first += len(block)
+    return best

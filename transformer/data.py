@@ -21,6 +21,7 @@ import os
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -217,25 +218,40 @@ def read_lines(path: Path) -> list[str]:
         DataError: the file is missing or unreadable (also a damaged .gz), or is not
             valid UTF-8 (the message gives the 1-based line number).
     """
-    path = Path(path)
+    return list(iter_lines(path))
+
+
+def iter_lines(source: Path | BinaryIO, name: str | None = None) -> Iterator[str]:
+    """Yield the lines of a file, or of an open binary stream such as stdin, one by one.
+
+    The same rules and errors as ``read_lines``, which reads a whole file this way;
+    a stream is read as it arrives, so a pipe can be translated line by line.
+    ``name`` stands for the stream in error messages.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        try:
+            f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+        except OSError as e:  # missing, a folder, no permission
+            raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+        with f:
+            yield from _decode_lines(f, str(path))
+    else:
+        yield from _decode_lines(source, name or getattr(source, "name", "<stream>"))
+
+
+def _decode_lines(f: BinaryIO, name: str) -> Iterator[str]:
+    number = 0
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            data = path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:  # missing, a folder, no permission, bad gzip
-        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
-    data = data.removeprefix(codecs.BOM_UTF8)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}, line {line}: not valid UTF-8 ({e.reason})") from None
-    lines = text.split("\n")
-    if lines[-1] == "":  # the newline that ends the last line (or an empty file)
-        lines.pop()
-    return [line.strip() for line in lines]
+        for number, raw in enumerate(f, 1):  # binary files split on b"\n" only
+            if number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                yield raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise DataError(f"{name}, line {number}: not valid UTF-8 ({e.reason})") from None
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a damaged .gz
+        raise DataError(f"{name}: cannot read after line {number} ({type(e).__name__}: {e})") from e
 
 
 def read_parallel(src_path: Path, tgt_path: Path) -> list[tuple[str, str]]:

@@ -170,8 +170,9 @@ def beam_search(
             out, cache = model.decode(memory, src_mask, tokens[:, -1:], None, cache)
         else:
             out = model.decode(memory, src_mask, tokens, subsequent_mask(tokens.size(1), device=device))
-        log_probs = model.generator(out[:, -1]).float()  # (b*k, V)
+        log_probs = model.generator(out[:, -1])  # (b*k, V), float32 or wider
         log_probs[:, pad] = -torch.inf  # padding is never a word
+        scores = scores.to(log_probs.dtype)
         b, vocab = len(active), log_probs.size(-1)
         candidates = (scores.unsqueeze(-1) + log_probs.view(b, k, vocab)).view(b, k * vocab)
         top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # (b, 2k), best first
@@ -259,7 +260,7 @@ def rescore(
             (default: yes, when there is an end symbol).
 
     Shape:
-        src (B, S), src_mask (B, 1, S) -> (B,), float32.
+        src (B, S), src_mask (B, 1, S) -> (B,), in the generator's dtype (float32 or wider).
     """
     if ended is None:
         ended = [end_symbol is not None] * len(hypotheses)
@@ -271,5 +272,5 @@ def rescore(
     gold = gold.to(src.device)
     tgt = torch.cat([torch.full_like(gold[:, :1], start_symbol), gold[:, :-1]], dim=1)
     out = model.decode(model.encode(src, src_mask), src_mask, tgt, target_mask(tgt, pad))
-    log_probs = model.generator(out).float().gather(2, gold.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    log_probs = model.generator(out).gather(2, gold.unsqueeze(-1)).squeeze(-1)  # (B, T)
     return log_probs.masked_fill(gold == pad, 0.0).sum(dim=1)

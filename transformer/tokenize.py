@@ -49,6 +49,11 @@ class Tokenizer(Protocol):
         """Text of target ids given without ``<s>`` and ``</s>``."""
         ...
 
+    def pieces(self, ids: Sequence[int], side: str) -> list[str]:
+        """The token string of each id, specials included, on ``side`` "src" or "tgt"
+        (labels for attention pictures)."""
+        ...
+
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values only (str, int, bytes, lists, dicts): a checkpoint is read
         with ``torch.load(weights_only=True)``."""
@@ -87,6 +92,9 @@ class IdTokenizer:
 
     def decode_tgt(self, ids: Sequence[int]) -> str:
         return " ".join(str(int(i)) for i in ids)
+
+    def pieces(self, ids: Sequence[int], side: str) -> list[str]:
+        return [str(int(i)) for i in ids]
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "vocab_size": self.vocab_size}
@@ -180,6 +188,9 @@ class SentencePieceTokenizer:
     def decode_tgt(self, ids: Sequence[int]) -> str:
         # SentencePiece skips control pieces (<pad>, <s>, </s>) itself when decoding.
         return self.sp.decode([int(i) for i in ids])
+
+    def pieces(self, ids: Sequence[int], side: str) -> list[str]:
+        return [self.sp.id_to_piece(int(i)) for i in ids]  # one vocabulary for both sides
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "model": self.model}
@@ -295,6 +306,9 @@ class SpacyTokenizer:
         # Padding, <s> and </s> are dropped, as SentencePiece does; <unk> stays visible.
         words = self.tgt_vocab.decode(i for i in ids if int(i) not in (self.pad_id, self.bos_id, self.eos_id))
         return detokenize(words)
+
+    def pieces(self, ids: Sequence[int], side: str) -> list[str]:
+        return (self.src_vocab if side == "src" else self.tgt_vocab).decode(ids)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -117,13 +117,16 @@ class Translator:
         return [hyps[0].tokens for hyps in self.search(sources, nbest=1, scores=False)]
 
     def encode(self, sentences: Sequence[str], first_line: int = 1) -> list[list[int]]:
-        """Source ids of each sentence, cut (with a warning) to the model's limit.
+        """Source ids of each sentence, cut (with a warning) to the model's limit; none
+        for an empty sentence.
 
         ``first_line`` numbers the sentences in the warnings.
         """
         sources = []
         for n, sentence in enumerate(sentences, first_line):
-            ids = self.tokenizer.encode_src(sentence)
+            # An empty line stays empty (no ids, so it is not decoded), although a
+            # tokenizer would encode it as a lone </s>.
+            ids = self.tokenizer.encode_src(sentence) if sentence.strip() else []
             if len(ids) > self.max_positions:
                 log.warning(
                     "line %d has %d tokens; cut to the model's limit of %d", n, len(ids), self.max_positions

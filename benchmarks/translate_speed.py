@@ -1,0 +1,85 @@
+"""Decoding speed: the reference's way against batched, cached greedy and beam search.
+
+    python benchmarks/translate_speed.py --checkpoint RUN/best.pt [--data-dir data/multi30k]
+
+Decodes test_2016_flickr (1,000 sentences) in one process, in this order:
+  1. the reference's way: one sentence at a time, no cache (the whole prefix is run
+     through the decoder at every step), greedy, stopping at </s>;
+  2. batched, cached greedy;
+  3. batched, cached beam search (--beam-size, default 5, with the checkpoint's length
+     penalty unless --length-penalty is given).
+For each it prints wall seconds, sentences/s, target tokens/s (generated tokens,
+</s> included), the speed-up over the reference's way and sacreBLEU; and whether
+batched greedy's outputs are identical to the reference's way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from transformer.data import read_lines, resolve_data_dir  # noqa: E402
+from transformer.evaluate import score  # noqa: E402
+from transformer.translate import Translator, decoding_name  # noqa: E402
+
+
+def timed(translator: Translator, sources: list[list[int]]) -> tuple[float, list[list[int]], int]:
+    start = time.perf_counter()
+    found = translator.search(sources, nbest=1, scores=False)
+    seconds = time.perf_counter() - start
+    ids = [hyps[0].tokens for hyps in found]
+    generated = sum(h[0].length for h in found)  # tokens, </s> included where emitted
+    return seconds, ids, generated
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--beam-size", type=int, default=5)
+    parser.add_argument("--length-penalty", type=float, default=None)
+    parser.add_argument("--limit", type=int, default=None, help="decode only the first N test sentences")
+    args = parser.parse_args()
+
+    data = resolve_data_dir(args.data_dir)
+    src = read_lines(data / "test_2016_flickr.de.gz")[: args.limit]
+    ref = read_lines(data / "test_2016_flickr.en.gz")[: args.limit]
+    base = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    sources = base.encode(src)
+    alpha = base.cfg.length_penalty if args.length_penalty is None else args.length_penalty
+    setups = [
+        ("reference (1 sentence, no cache)", dataclasses.replace(base.cfg, beam_size=1, batch_size=1, cache=False)),
+        ("batched greedy", dataclasses.replace(base.cfg, beam_size=1)),
+        (f"batched beam {args.beam_size}", dataclasses.replace(base.cfg, beam_size=args.beam_size, length_penalty=alpha)),
+    ]
+    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"device {args.device}; {len(src)} sentences; {args.checkpoint}")
+    print(f"{'decoding':<34} {'seconds':>8} {'sent/s':>8} {'tok/s':>8} {'speed-up':>9} {'BLEU':>6}  settings")
+    results, reference_seconds = {}, None
+    for name, cfg in setups:
+        t = Translator(base.model, base.tokenizer, cfg, base.device)
+        seconds, ids, generated = timed(t, sources)
+        results[name] = ids
+        reference_seconds = reference_seconds or seconds  # the first setup is the reference's way
+        bleu = score([t.detokenize(i) for i in ids], ref).bleu
+        print(f"{name:<34} {seconds:8.1f} {len(src) / seconds:8.1f} {generated / seconds:8.0f} "
+              f"{reference_seconds / seconds:8.1f}x {bleu:6.2f}  "
+              f"{decoding_name(cfg)}, batch {cfg.batch_size} sentences / {cfg.batch_tokens} tokens")
+    first, greedy = results[setups[0][0]], results[setups[1][0]]
+    same = sum(a == b for a, b in zip(first, greedy))
+    print(f"batched greedy == reference way: {same} of {len(first)} sentences identical")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

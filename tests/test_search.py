@@ -1,0 +1,214 @@
+"""Beam search and the Translator: equivalences with greedy and rescoring, exactness,
+n-best, ordering and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+
+import pytest
+import torch
+
+from transformer.batching import padding_mask
+from transformer.config import DecodeConfig
+from transformer.model import make_model
+from transformer.search import beam_search, greedy_decode, length_penalty, rescore
+from transformer.translate import Translator
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+def model(vocab=11, seed=0, N=2):
+    """An untrained model in float64 (so that no two scores tie): its distributions are
+    peaked enough, through random weights, to make the searches differ."""
+    torch.manual_seed(seed)
+    m = make_model(vocab, vocab, N=N, d_model=32, d_ff=64, h=4, dropout=0.0).double().eval()
+    return m
+
+
+def source(vocab=11, lengths=(7, 4, 6, 2), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(3, vocab, (len(lengths), max(lengths)), generator=g)
+    for i, n in enumerate(lengths):
+        src[i, n:] = PAD
+    return src, padding_mask(src, PAD)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_beam_size_one_is_greedy(seed, use_cache):
+    m = model(seed=seed)
+    src, mask = source(seed=seed)
+    limits = torch.tensor([9, 5, 12, 3])
+    ys = greedy_decode(m, src, mask, limits, BOS, EOS, PAD, use_cache)
+    found = beam_search(m, src, mask, limits, BOS, EOS, beam_size=1, use_cache=use_cache)
+    for row, hyps in zip(ys.tolist(), found):
+        words = [w for w in row[1:] if w != PAD]
+        assert hyps[0].tokens == [w for w in itertools.takewhile(lambda w: w != EOS, words)]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_cached_beam_search_matches_uncached(alpha):
+    m = model(seed=1)
+    src, mask = source(seed=1)
+    a = beam_search(m, src, mask, 10, BOS, EOS, beam_size=4, alpha=alpha, nbest=4, use_cache=True)
+    b = beam_search(m, src, mask, 10, BOS, EOS, beam_size=4, alpha=alpha, nbest=4, use_cache=False)
+    assert [[h.tokens for h in hyps] for hyps in a] == [[h.tokens for h in hyps] for hyps in b]
+    for ha, hb in zip(itertools.chain(*a), itertools.chain(*b)):
+        assert ha.score == pytest.approx(hb.score, abs=1e-9)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.5])
+def test_scores_equal_the_models_rescoring(alpha):
+    """Each hypothesis' score is the model's own log-probability of it (with </s> when it
+    ended) divided by the length penalty; those cut at the limit included."""
+    m = model(seed=2)
+    src, mask = source(seed=2)
+    found = beam_search(m, src, mask, 6, BOS, EOS, beam_size=5, alpha=alpha, nbest=5)
+    rows, hyps = zip(*[(i, h) for i, hs in enumerate(found) for h in hs])
+    index = torch.tensor(rows)
+    ended = [h.length == len(h.tokens) + 1 for h in hyps]
+    assert any(ended) and not all(ended)  # both kinds are checked
+    log_probs = rescore(m, src[index], mask[index], [h.tokens for h in hyps], BOS, EOS, PAD, ended)
+    for h, lp in zip(hyps, log_probs.tolist()):
+        assert h.log_prob == pytest.approx(lp, abs=1e-9)
+        assert h.score == pytest.approx(lp / length_penalty(h.length, alpha), abs=1e-9)
+
+
+def test_nbest_is_sorted_distinct_and_within_the_limit():
+    m = model(seed=3)
+    src, mask = source(seed=3)
+    limits = torch.tensor([8, 3, 6, 2])
+    found = beam_search(m, src, mask, limits, BOS, EOS, beam_size=6, alpha=0.6, nbest=6)
+    for hyps, limit in zip(found, limits.tolist()):
+        assert len(hyps) == 6
+        scores = [h.score for h in hyps]
+        assert scores == sorted(scores, reverse=True)
+        assert len({tuple(h.tokens) for h in hyps}) == 6
+        assert all(len(h.tokens) <= limit and h.length <= limit for h in hyps)
+        assert all(PAD not in h.tokens and EOS not in h.tokens for h in hyps)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 2.0, -0.5])
+def test_a_wide_enough_beam_finds_the_best_outputs(alpha):
+    """With a beam as wide as every possible prefix, beam search is exhaustive: its
+    n-best must be the true n best of all outputs up to the limit, scored by the model.
+    A search that stopped when its top beam first ended would miss longer winners
+    (alpha > 0 favours them)."""
+    vocab, limit = 5, 4  # words: every id but padding and </s>, so 3 of them
+    m = model(vocab=vocab, seed=4, N=1)
+    src, mask = source(vocab=vocab, lengths=(5,), seed=4)
+    words = [w for w in range(vocab) if w not in (PAD, EOS)]
+    outputs = [(list(p), True) for n in range(limit) for p in itertools.product(words, repeat=n)]
+    outputs += [(list(p), False) for p in itertools.product(words, repeat=limit)]  # cut at the limit
+    log_probs = rescore(
+        m, src.expand(len(outputs), -1), mask.expand(len(outputs), -1, -1),
+        [o for o, _ in outputs], BOS, EOS, PAD, [e for _, e in outputs],
+    )
+    exact = sorted(
+        ((lp / length_penalty(len(o) + e, alpha), o) for (o, e), lp in zip(outputs, log_probs.tolist())),
+        key=lambda x: -x[0],
+    )
+    found = beam_search(m, src, mask, limit, BOS, EOS, beam_size=len(words) ** (limit - 1), alpha=alpha, nbest=5)[0]
+    assert [h.tokens for h in found] == [o for _, o in exact[:5]]
+    assert [h.score for h in found] == pytest.approx([s for s, _ in exact[:5]], abs=1e-9)
+
+
+def test_beam_search_checks_nbest():
+    m = model()
+    src, mask = source()
+    with pytest.raises(ValueError, match="nbest"):
+        beam_search(m, src, mask, 5, BOS, EOS, beam_size=2, nbest=3)
+
+
+# --------------------------------------------------------------------------- Translator
+
+
+class Letters:
+    """A tokenizer for tests: the letters a-h are ids 3-10, and </s> ends each side."""
+
+    kind = "letters"
+    pad_id, bos_id, eos_id = PAD, BOS, EOS
+    src_vocab_size = tgt_vocab_size = 11
+    shared_vocab = True
+
+    def encode_src(self, text):
+        return [ord(c) - ord("a") + 3 for c in text if c.strip()] + [EOS]
+
+    def encode_tgt(self, text):
+        return [BOS] + self.encode_src(text)
+
+    def decode_tgt(self, ids):
+        return "".join(chr(i - 3 + ord("a")) if i >= 3 else f"<{i}>" for i in ids)
+
+    def pieces(self, ids, side):
+        return [self.decode_tgt([i]) for i in ids]
+
+    def state_dict(self):
+        return {"kind": self.kind}
+
+
+def translator(**cfg):
+    m = model(seed=5)
+    m.src_embed[1].pe = m.src_embed[1].pe[:, :12]  # a short positional table, to test cutting
+    return Translator(m, Letters(), DecodeConfig(**cfg), torch.device("cpu"))
+
+
+SENTENCES = ["abcdefg", "", "ab", "hgfedcbaabc", "c", "abcd", "", "dddd"]
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_translator_keeps_input_order_and_empty_lines(beam_size):
+    """Batches are sorted by length (and small here), yet output i is sentence i's."""
+    t = translator(beam_size=beam_size, batch_size=2, batch_tokens=12)
+    outputs = t.translate(SENTENCES)
+    alone = [t.translate([s])[0] for s in SENTENCES]
+    assert outputs == alone
+    assert outputs[1] == outputs[6] == ""
+
+
+def test_translator_batches_respect_both_budgets():
+    t = translator(batch_size=3, batch_tokens=10)
+    sources = t.encode(SENTENCES)
+    batches = list(t._batches(sources))
+    assert sorted(i for b in batches for i in b) == [i for i, s in enumerate(sources) if s]
+    for b in batches:
+        assert len(b) <= 3
+        assert len(b) == 1 or len(b) * max(len(sources[i]) for i in b) <= 10
+
+
+def test_translator_cuts_over_long_lines_with_a_warning(caplog):
+    t = translator(beam_size=3)
+    with caplog.at_level(logging.WARNING):
+        out = t.translate(["ab", "abcdefghabcdefgh"], first_line=7)
+    assert len(out) == 2
+    assert "line 8" in caplog.text and "limit of 12" in caplog.text
+
+
+def test_greedy_translations_are_scored_like_beam_size_one():
+    """The Translator scores greedy outputs by rescoring them; with alpha 0 beam size 1
+    finds the same outputs, and its log-probabilities and lengths give the same scores."""
+    alpha = 0.7
+    t = translator(beam_size=1, length_penalty=alpha, max_len_a=1.0, max_len_b=2)
+    greedy = t.search(t.encode(SENTENCES), nbest=1)
+    for sentence, hyps in zip(SENTENCES, greedy):
+        if not sentence:
+            continue
+        src = torch.tensor([t.encode([sentence])[0]])
+        limit = t._limits([src.size(1)])
+        [beam] = beam_search(t.model, src, padding_mask(src, PAD), limit, BOS, EOS, beam_size=1)[0:1]
+        assert hyps[0].tokens == beam[0].tokens and hyps[0].length == beam[0].length
+        assert hyps[0].score == pytest.approx(beam[0].log_prob / length_penalty(beam[0].length, alpha), abs=1e-9)
+
+
+def test_translator_nbest():
+    out = translator(beam_size=4, length_penalty=1.0).translate_nbest(SENTENCES, nbest=3)
+    for sentence, hyps in zip(SENTENCES, out):
+        if sentence:
+            assert len(hyps) == 3 and len({text for text, _ in hyps}) == 3
+            assert [s for _, s in hyps] == sorted((s for _, s in hyps), reverse=True)
+        else:
+            assert [text for text, _ in hyps] == [""]
+    with pytest.raises(ValueError, match="nbest"):
+        translator(beam_size=2).translate_nbest(["ab"], nbest=3)
