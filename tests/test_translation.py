@@ -147,3 +147,48 @@ def test_missing_corpus_offline_lists_the_files(tmp_path):
         TranslationTask(cfg)
     message = str(e.value)
     assert "train.de.gz" in message and "test_2016_flickr.en.gz" in message and "TRANSFORMER_DATA" in message
+
+
+def test_fine_tuning_lowers_the_validation_loss_on_new_data(slices, tmp_path):
+    """A model trained on one slice, fine-tuned on other sentences: the new validation
+    loss falls from where the checkpoint started (step 0 of the fine-tuning run); frozen
+    parts stay as they were; the tokenizer is the checkpoint's."""
+    base = run_training(load_config(ROOT / "configs" / "multi30k.yaml",
+                                    slice_overrides(slices, f"train.run_dir={tmp_path / 'base'}", "train.max_steps=6",
+                                                    "data.test=null"))).run_dir
+    folder = tmp_path / "new"
+    folder.mkdir()
+    train, valid = write_slice(folder, "train", 300, skip=5000), write_slice(folder, "val", 40, skip=500)
+    from transformer.experiment import finetune_config
+
+    cfg, _ = finetune_config(ROOT / "configs" / "finetune.yaml", [
+        f"data.train=[{train[0]}, {train[1]}]", f"data.valid=[{valid[0]}, {valid[1]}]", "data.batch_tokens=600",
+        "train.max_steps=8", "train.eval_every=4", "train.lr_factor=1", "train.warmup=8", "train.amp=none",
+        "finetune.freeze_encoder=true", "decode.max_len_b=5", "decode.beam_size=2", f"train.run_dir={tmp_path / 'ft'}",
+    ], base / "last.pt")
+    run_dir = run_training(cfg).run_dir
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["valid_loss"] for r in records if r["kind"] == "valid"}
+    assert sorted(losses) == [0, 4, 8]
+    assert losses[8] < losses[0]
+    before, after = torch.load(base / "last.pt", weights_only=True), torch.load(run_dir / "last.pt", weights_only=True)
+    assert after["tokenizer"] == before["tokenizer"]
+    for name, value in after["model"].items():
+        same = torch.equal(value, before["model"][name])
+        assert same == name.startswith("encoder."), name
+
+
+def test_fine_tuning_config_may_not_reshape_the_model(tmp_path):
+    from transformer.checkpoint import build_model, save_checkpoint
+    from transformer.config import Config, ModelConfig, to_dict
+    from transformer.experiment import finetune_config
+    from transformer.tokenize import IdTokenizer
+
+    cfg = Config(model=ModelConfig(N=1, d_model=32, d_ff=64, h=4))
+    model = build_model(cfg.model, IdTokenizer(11))
+    ckpt = tmp_path / "small.pt"
+    save_checkpoint(ckpt, {"config": to_dict(cfg), "model": model.state_dict(), "tokenizer": IdTokenizer(11).state_dict()})
+    inherited, _ = finetune_config(ROOT / "configs" / "finetune.yaml", ["model.dropout=0.3"], ckpt)
+    assert (inherited.model.d_model, inherited.model.N, inherited.model.dropout) == (32, 1, 0.3)
+    with pytest.raises(ConfigError, match=r"'model\.d_model' is 64 here but 32 in .*small\.pt"):
+        finetune_config(ROOT / "configs" / "finetune.yaml", ["model.d_model=64"], ckpt)

@@ -17,6 +17,11 @@ def _fail(message: str) -> int:
     return 2
 
 
+# What may change when a run is resumed: how long and how it goes on, not what it is.
+RESUMABLE = ("train.", "decode.", "data.dir", "data.workers")
+FIXED_ON_RESUME = ("train.seed", "train.run_dir", "train.runs_root")
+
+
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train an Annotated Transformer model.")
     parser.add_argument(
@@ -27,11 +32,23 @@ def train_main(argv: list[str] | None = None) -> int:
         help="override one config field, e.g. --set train.warmup=400 (repeatable)",
     )
     parser.add_argument("--data-dir", help="folder holding the Multi30k files (same as --set data.dir=...)")
+    parser.add_argument(
+        "--resume", type=Path, metavar="RUN_DIR",
+        help="continue the run in RUN_DIR exactly where its last.pt left it (--set may change train.* and decode.*)",
+    )
+    parser.add_argument(
+        "--init-from", type=Path, metavar="CKPT",
+        help="fine-tune: start from this checkpoint's weights, tokenizer and vocabulary (e.g. with configs/finetune.yaml)",
+    )
     args = parser.parse_args(argv)
+    if args.resume is not None and args.init_from is not None:
+        parser.error("--resume and --init-from exclude each other")
+    if args.resume is not None and args.config is not None:
+        parser.error("--resume takes the run's own config; use --set to change train.* or decode.* fields")
 
     from transformer.config import load_config
     from transformer.data import DataError
-    from transformer.experiment import run_training
+    from transformer.experiment import finetune_config, resume_state, run_training
     from transformer.utils import keep_freed_memory
 
     keep_freed_memory()
@@ -40,11 +57,29 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.data_dir is not None:
         overrides.append(f"data.dir={args.data_dir}")
     try:
-        cfg = load_config(path, overrides)
-        result = run_training(cfg, name=path.stem)
+        if args.resume is not None:
+            for text in overrides:
+                key = text.partition("=")[0].strip()
+                if not key.startswith(RESUMABLE) or key in FIXED_ON_RESUME:
+                    raise ConfigError(f"--set {text}: '{key}' cannot change when resuming a run")
+            state = resume_state(args.resume)
+            cfg = load_config(None, overrides, base=state["config"])
+            result = run_training(cfg, resume=(args.resume, state))
+        elif args.init_from is not None:
+            cfg, _ = finetune_config(path, overrides, args.init_from)
+            result = run_training(cfg, name=path.stem)
+        else:
+            cfg = load_config(path, overrides)
+            result = run_training(cfg, name=path.stem)
     except (ConfigError, CheckpointError, DataError) as e:
         return _fail(str(e))
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("interrupted", file=sys.stderr)
+        return 130
     print(result.run_dir)
+    if result.interrupted is not None:
+        print(f"stopped early; continue with: python train.py --resume {result.run_dir}", file=sys.stderr)
+        return 128 + result.interrupted
     return 0
 
 

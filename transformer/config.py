@@ -8,6 +8,7 @@ coerced to that field's type. An unknown key or a value of the wrong type is a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -114,11 +115,22 @@ class DecodeConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Starting from a trained model (``train.py --init-from CKPT``)."""
+
+    init_from: str | None = None  # checkpoint whose weights, tokenizer and vocabulary to start from
+    keep_optimizer: bool = False  # continue its Adam state and schedule; else both start afresh
+    freeze_embeddings: bool = False  # keep the embeddings (and a tied output layer) as they are
+    freeze_encoder: bool = False  # keep the encoder's layers as they are
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def _suggest(key: str, known: list[str]) -> str:
@@ -274,13 +286,16 @@ def _string_fields(cls: type, prefix: str = "") -> set[str]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file (or start from the defaults) and apply dotted overrides.
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Read a YAML file and apply dotted overrides.
+
+    The file's values are laid over ``base`` (a config as ``to_dict`` gives it, or a
+    part of one) when given, else over the defaults; with no file, ``base`` alone is used.
 
     Raises:
         ConfigError: naming the file or override, and the key at fault.
     """
-    data: dict = {}
+    data: dict = copy.deepcopy(base) if base is not None else {}
     if path is not None:
         path = Path(path)
         try:
@@ -293,6 +308,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        if base is not None:
+            data = _merged(copy.deepcopy(base), data)
         try:
             _check(_build(Config, data))
         except ConfigError as e:
@@ -308,6 +325,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         except ConfigError as e:
             raise ConfigError(f"--set {text}: {e}") from None
     return _build(Config, data)
+
+
+def _merged(base: dict, top: dict) -> dict:
+    """``base`` with ``top``'s values laid over it, section by section."""
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merged(base[key], value)
+        else:
+            base[key] = value
+    return base
 
 
 def to_dict(cfg: Any) -> dict:

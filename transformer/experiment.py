@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from transformer.checkpoint import build_model, save_checkpoint
-from transformer.config import Config, ConfigError, save_config, to_dict
+from transformer.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from transformer.config import Config, ConfigError, FinetuneConfig, load_config, save_config, to_dict
 from transformer.copy_task import CopyTask
 from transformer.evaluate import score
 from transformer.model import EncoderDecoder
-from transformer.tokenize import Tokenizer
+from transformer.tokenize import Tokenizer, tokenizer_from_state
 from transformer.train import EpochSummary, Trainer
 from transformer.translate import Translator, decoding_name
 from transformer.translation_task import TranslationTask
@@ -25,10 +29,11 @@ from transformer.utils import MetricsLog, resolve_device, setup_logging
 log = logging.getLogger(__name__)
 
 
-def build_task(cfg: Config) -> CopyTask | TranslationTask:
+def build_task(cfg: Config, tokenizer: Tokenizer | None = None) -> CopyTask | TranslationTask:
+    """The task's data; a translation task learns its tokenizer unless one is given."""
     if cfg.data.task == "copy":
         return CopyTask(cfg.data.copy, cfg.train.seed)
-    return TranslationTask(cfg)
+    return TranslationTask(cfg, tokenizer)
 
 
 def new_run_dir(cfg: Config, name: str) -> Path:
@@ -54,17 +59,21 @@ def new_run_dir(cfg: Config, name: str) -> Path:
     raise ConfigError(f"'train.runs_root': cannot make a new run folder under {root}")
 
 
-def checkpoint_state(cfg: Config, model: EncoderDecoder, tokenizer: Tokenizer, trainer: Trainer) -> dict[str, Any]:
-    """Everything needed to translate with, or continue training, this model."""
-    return {
+def checkpoint_state(
+    cfg: Config, model: EncoderDecoder, tokenizer: Tokenizer, trainer: Trainer, validator: "Validator | None" = None
+) -> dict[str, Any]:
+    """Everything needed to translate with, or continue training exactly, this model."""
+    state = {
         "config": to_dict(cfg),
         "model": model.state_dict(),
         "tokenizer": tokenizer.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
+        "trainer": trainer.state_dict(),
         "step": trainer.step,
         "epoch": trainer.epoch,
     }
+    if validator is not None:
+        state["validator"] = validator.state_dict()
+    return state
 
 
 class Validator:
@@ -99,14 +108,14 @@ class Validator:
         else:
             current = -record["valid_loss"]
         improved = self.best is None or current > self.best
-        state = checkpoint_state(self.cfg, trainer.model, self.task.tokenizer, trainer)
-        save_checkpoint(self.run_dir / "last.pt", state)
-        self._keep(state, trainer.step)
         if improved:
             self.best, self.bad_evals = current, 0
-            save_checkpoint(self.run_dir / "best.pt", state)
         else:
             self.bad_evals += 1
+        state = self.save(trainer)
+        self._keep(state, trainer.step)
+        if improved:
+            save_checkpoint(self.run_dir / "best.pt", state)
         record["seconds"] = time.perf_counter() - start
         self.metrics.write(**record)
         log.info("step %d: %s%s (%.1f s)", trainer.step, text, ", new best" if improved else "", record["seconds"])
@@ -116,6 +125,17 @@ class Validator:
             return True
         return False
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_evals": self.bad_evals, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad_evals, self.last_step = state["best"], state["bad_evals"], state["last_step"]
+
+    def save(self, trainer: Trainer) -> dict[str, Any]:
+        """Write ``last.pt``: the newest state, which ``train.py --resume`` continues from."""
+        state = checkpoint_state(self.cfg, trainer.model, self.task.tokenizer, trainer, self)
+        save_checkpoint(self.run_dir / "last.pt", state)
+        return state
 
     def _keep(self, state: dict[str, Any], step: int) -> None:
         """Save this evaluation point as step-<step>.pt and drop the ones beyond the last N."""
@@ -133,35 +153,157 @@ class RunResult:
     run_dir: Path
     epochs: list[EpochSummary]
     demo: list[tuple[str, str]]  # a few (source, output) pairs decoded at the end
+    interrupted: int | None = None  # the signal that stopped the run early, if one did
 
 
-def run_training(cfg: Config, name: str = "run", demo_sentences: int = 5) -> RunResult:
+def resume_state(run_dir: Path) -> dict[str, Any]:
+    """The newest checkpoint of a run (``last.pt``), checked to hold a training state."""
+    state = load_checkpoint(Path(run_dir) / "last.pt")
+    if "trainer" not in state or "validator" not in state:
+        raise CheckpointError(
+            f"{Path(run_dir) / 'last.pt'}: holds weights but no training state to resume "
+            "(an averaged checkpoint, or one from an older version)"
+        )
+    return state
+
+
+# What a fine-tuned model takes from its checkpoint (and a config may not contradict):
+# the model's shape and the tokenizer's settings. Dropout may change.
+INHERITED = {
+    "model": ("N", "d_model", "d_ff", "h", "norm", "attention", "tie_embeddings", "max_len"),
+    "data": ("tokenizer", "vocab_size", "sp_model_type", "min_freq", "src_lang", "tgt_lang"),
+}
+
+
+def finetune_config(path: Path, overrides: list[str], checkpoint: Path) -> tuple[Config, dict[str, Any]]:
+    """The config of a run that starts from ``checkpoint``: the file and overrides laid
+    over the checkpoint's model and tokenizer settings.
+
+    Raises:
+        ConfigError: when the file or an override sets one of those to another value.
+    """
+    state = load_checkpoint(checkpoint)
+    old = state["config"]
+    base = {section: {k: old[section][k] for k in keys if k in old.get(section, {})} for section, keys in INHERITED.items()}
+    cfg = load_config(path, [*overrides, f"finetune.init_from={checkpoint}"], base=base)
+    new = to_dict(cfg)
+    for section, keys in INHERITED.items():
+        for key in keys:
+            if key in base[section] and new[section][key] != base[section][key]:
+                raise ConfigError(
+                    f"'{section}.{key}' is {new[section][key]!r} here but {base[section][key]!r} in {checkpoint}: "
+                    "a fine-tuned model keeps its checkpoint's shape and vocabulary"
+                )
+    return cfg, state
+
+
+def freeze(model: EncoderDecoder, cfg: FinetuneConfig) -> None:
+    """Stop training the parts ``cfg`` names (their parameters get no gradient)."""
+    parts = []
+    if cfg.freeze_embeddings:
+        parts += [model.src_embed, model.tgt_embed]  # with tied embeddings, the output layer's weight too
+    if cfg.freeze_encoder:
+        parts.append(model.encoder)
+    for part in parts:
+        for param in part.parameters():
+            param.requires_grad_(False)
+
+
+def run_training(
+    cfg: Config, name: str = "run", demo_sentences: int = 5, resume: tuple[Path, dict[str, Any]] | None = None
+) -> RunResult:
     """Train as ``cfg`` says (validating, and saving ``last.pt`` and ``best.pt``, at every
     evaluation point), then score the best model on the test set (translation) or
-    decode a few sequences (copy task)."""
-    run_dir = new_run_dir(cfg, name)
+    decode a few sequences (copy task).
+
+    Args:
+        resume: (run directory, its ``resume_state``): continue that run where its
+            checkpoint left it, in the same folder, instead of starting a new one.
+
+    SIGINT and SIGTERM stop the run at the next step boundary, after saving ``last.pt``
+    (a second SIGINT stops at once); the result then says which signal it was.
+    """
+    run_dir = resume[0] if resume is not None else new_run_dir(cfg, name)
     handler = setup_logging(run_dir / "train.log")
     try:
-        return _run(cfg, run_dir, demo_sentences)
+        return _run(cfg, run_dir, demo_sentences, resume[1] if resume is not None else None)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
 
 
-def _run(cfg: Config, run_dir: Path, demo_sentences: int) -> RunResult:
-    save_config(cfg, run_dir / "config.yaml")
-    log.info("run directory: %s", run_dir)
+@contextmanager
+def stop_on_signals(trainer: Trainer) -> Iterator[list[int]]:
+    """While inside, SIGINT or SIGTERM asks ``trainer`` to stop at the next step boundary
+    (the yielded list receives the signal); a second SIGINT interrupts at once."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
+        yield received
+        return
+
+    def request_stop(signum, frame):
+        received.append(signum)
+        trainer.stop_requested = True
+        log.warning(
+            "%s: stopping after this step, with a checkpoint; press Ctrl-C again to stop at once",
+            signal.Signals(signum).name,
+        )
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def _run(cfg: Config, run_dir: Path, demo_sentences: int, resumed: dict[str, Any] | None) -> RunResult:
     device = resolve_device(cfg.train.device)
+    start = None  # the checkpoint a fine-tuning run starts from
+    if resumed is None:
+        save_config(cfg, run_dir / "config.yaml")
+        log.info("run directory: %s", run_dir)
+        if cfg.finetune.init_from is not None:
+            start = load_checkpoint(cfg.finetune.init_from)
+            log.info("starting from %s (step %s)", cfg.finetune.init_from, start.get("step"))
+    else:
+        log.info("resuming %s at step %d (epoch %d)", run_dir, resumed["step"], resumed["epoch"] + 1)
     torch.manual_seed(cfg.train.seed)
-    task = build_task(cfg)
-    save_checkpoint(run_dir / "tokenizer.pt", {"tokenizer": task.tokenizer.state_dict()})
+    if resumed is None:
+        task = build_task(cfg, tokenizer_from_state(start["tokenizer"]) if start is not None else None)
+        save_checkpoint(run_dir / "tokenizer.pt", {"tokenizer": task.tokenizer.state_dict()})
+    else:
+        task = build_task(cfg, tokenizer_from_state(resumed["tokenizer"]))
     model = build_model(cfg.model, task.tokenizer).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s parameters, device %s, amp %s", f"{n_params:,}", device, cfg.train.amp)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     trainer = Trainer(model, cfg.train, task.tokenizer.pad_id, device, metrics)
     validate = Validator(cfg, task, run_dir, metrics, device)
-    epochs = trainer.fit(task.train_batches, validate)
+    if start is not None or resumed is not None:
+        freeze(model, cfg.finetune)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        trainer.load_state_dict(resumed["trainer"])
+        validate.load_state_dict(resumed["validator"])
+    elif start is not None:
+        model.load_state_dict(start["model"])
+        if cfg.finetune.keep_optimizer:
+            if "trainer" not in start:
+                raise ConfigError(
+                    f"'finetune.keep_optimizer': {cfg.finetune.init_from} holds no optimizer state (averaged?)"
+                )
+            trainer.optimizer.load_state_dict(start["trainer"]["optimizer"])
+            trainer.scheduler.load_state_dict(start["trainer"]["scheduler"])
+        validate(trainer)  # where fine-tuning starts from: step 0 in the metrics, and best.pt
+    with stop_on_signals(trainer) as received:
+        epochs = trainer.fit(task.train_batches, validate)
+    if trainer.stop_requested:
+        validate.save(trainer)
+        log.info("stopped at step %d; saved %s. Continue with: python train.py --resume %s",
+                 trainer.step, run_dir / "last.pt", run_dir)
+        return RunResult(run_dir, epochs, [], interrupted=received[0] if received else signal.SIGINT)
     if validate.last_step != trainer.step:  # the run ended between two evaluation points
         validate(trainer)
     log.info("saved %s and %s", run_dir / "last.pt", run_dir / "best.pt")

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -83,9 +84,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # epochs completed
+        self.batch_in_epoch = 0  # micro-batches of the current epoch already trained on
         self.stopped = False  # set when validation asks to stop early
+        self.stop_requested = False  # set (e.g. by a signal) to stop at the next step boundary
         self.train_seconds = 0.0  # time spent in fit(), for train.max_minutes
         self._fit_start: float | None = None
+        # The current epoch's loss and tokens so far (kept across a resume).
+        self._epoch_loss, self._epoch_tokens = torch.zeros((), device=device), 0
 
     @property
     def lr(self) -> float:
@@ -98,10 +103,46 @@ class Trainer:
             self.train_seconds = time.perf_counter() - self._fit_start
         return (
             self.stopped
+            or self.stop_requested
             or self.epoch >= self.cfg.epochs
             or (max_steps is not None and self.step >= max_steps)
             or (max_minutes is not None and self.train_seconds >= 60 * max_minutes)
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly where training is now (plain values and
+        tensors): optimizer, schedule, loss scaler, counters, position in the epoch's
+        batch order, the random number generators' states."""
+        if self._fit_start is not None:
+            self.train_seconds = time.perf_counter() - self._fit_start
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "train_seconds": self.train_seconds,
+            "epoch_loss": self._epoch_loss.item(),
+            "epoch_tokens": self._epoch_tokens,
+            "rng_cpu": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``'s result (the model's weights are loaded apart)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.train_seconds = state["train_seconds"]
+        self._epoch_loss = torch.tensor(state["epoch_loss"], device=self.device)
+        self._epoch_tokens = state["epoch_tokens"]
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
 
     def loss(self, batch: Batch) -> Tensor:
         """The summed label-smoothed loss of one batch (already on the device)."""
@@ -161,26 +202,30 @@ class Trainer:
         self.model.train(was_training)
         return total.item() / max(ntokens, 1)
 
-    def train_epoch(self, batches: Iterable[Batch], validate: Validate | None = None) -> tuple[float, int, float]:
-        """Run one epoch (or until max_steps, or until ``validate`` says stop).
+    def train_epoch(self, batches: Iterable[Batch], validate: Validate | None = None) -> tuple[bool, float]:
+        """Run the rest of the current epoch (or until max_steps, a stop request, or
+        ``validate`` says stop), starting at micro-batch ``batch_in_epoch``.
 
         With ``cfg.eval_every``, ``validate`` runs every that many optimizer steps.
 
         Returns:
-            Loss per target token, target tokens, seconds spent training (not validating).
+            Whether the epoch's batches ran out, and the seconds spent training (not
+            validating) in this call.
         """
         self.model.train()
         n_batches = len(batches) if hasattr(batches, "__len__") else None
         steps = math.ceil(n_batches / self.cfg.accum_steps) if n_batches is not None else None
         bar = tqdm(total=steps, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", unit="step", disable=None, leave=False)
+        bar.update(self.batch_in_epoch // self.cfg.accum_steps)
         start = time.perf_counter()
-        epoch_loss, epoch_tokens = torch.zeros((), device=self.device), 0
         window_loss, window_tokens, window_start = torch.zeros((), device=self.device), 0, start
-        for group in chunks(batches, self.cfg.accum_steps):
+        groups = chunks(islice(batches, self.batch_in_epoch, None), self.cfg.accum_steps)
+        for group in groups:
             loss, ntokens = self.train_step(group)
-            epoch_loss += loss
+            self.batch_in_epoch += len(group)
+            self._epoch_loss += loss
             window_loss += loss
-            epoch_tokens += ntokens
+            self._epoch_tokens += ntokens
             window_tokens += ntokens
             bar.update(1)
             if self.step % self.cfg.log_every == 0:  # the only host sync in the loop
@@ -200,9 +245,13 @@ class Trainer:
                 window_start += validating
             if self.done:
                 break
+        else:
+            bar.close()
+            return True, time.perf_counter() - start
         bar.close()
-        seconds = time.perf_counter() - start
-        return epoch_loss.item() / max(epoch_tokens, 1), epoch_tokens, seconds
+        # Stopped inside the epoch: it is over only if no batch is left (one more is
+        # built to find out; a resumed run rebuilds the epoch from its seed anyway).
+        return next(groups, None) is None, time.perf_counter() - start
 
     def fit(
         self,
@@ -219,23 +268,28 @@ class Trainer:
         summaries = []
         self._fit_start = time.perf_counter() - self.train_seconds
         while not self.done:
-            train_loss, tokens, seconds = self.train_epoch(train_batches(self.epoch), validate)
-            self.epoch += 1
+            tokens_before = self._epoch_tokens
+            complete, seconds = self.train_epoch(train_batches(self.epoch), validate)
             summary = EpochSummary(
-                epoch=self.epoch,
+                epoch=self.epoch + 1,
                 step=self.step,
-                train_loss=train_loss,
+                train_loss=self._epoch_loss.item() / max(self._epoch_tokens, 1),
                 lr=self.lr,
-                tokens_per_s=tokens / max(seconds, 1e-9),
+                tokens_per_s=(self._epoch_tokens - tokens_before) / max(seconds, 1e-9),
                 seconds=seconds,
             )
+            if complete:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                self._epoch_loss, self._epoch_tokens = torch.zeros((), device=self.device), 0
             summaries.append(summary)
             log.info(
-                "epoch %d: step %d, train loss %.4f, lr %.2e, %.0f target tokens/s, %.1f s",
-                summary.epoch, summary.step, train_loss, summary.lr, summary.tokens_per_s, seconds,
+                "epoch %d%s: step %d, train loss %.4f, lr %.2e, %.0f target tokens/s, %.1f s",
+                summary.epoch, "" if complete else " (stopped inside it)", summary.step, summary.train_loss,
+                summary.lr, summary.tokens_per_s, seconds,
             )
             if self.metrics is not None:
                 self.metrics.write(kind="epoch", **summary.__dict__)
-            if validate is not None and not self.cfg.eval_every and not self.stopped:
+            if complete and validate is not None and not self.cfg.eval_every and not self.done:
                 self.stopped = validate(self)
         return summaries

@@ -106,7 +106,12 @@ class TranslationTask:
         dataset = _Collated(self.train_src, self.train_tgt, plan, self.tokenizer.pad_id)
         if self.cfg.workers == 0:
             return _Lazy(dataset)
-        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.cfg.workers, prefetch_factor=4)
+        # Its own generator: a DataLoader otherwise draws its workers' seed from the
+        # global one, whose stream (dropout) would then differ after a resume.
+        return DataLoader(
+            dataset, batch_size=None, shuffle=False, num_workers=self.cfg.workers, prefetch_factor=4,
+            generator=seeded_generator(self.seed, -(epoch + 1)),
+        )
 
     def valid_batches(self) -> list[Batch]:
         return self._valid
