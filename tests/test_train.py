@@ -71,7 +71,8 @@ def test_max_steps_bounds_the_run():
     cfg = TrainConfig(epochs=100, max_steps=4)
     trainer = Trainer(tiny_model(), cfg, 0, torch.device("cpu"))
     trainer.fit(lambda epoch: [make_batch([[3, 4]]) for _ in range(3)])
-    assert trainer.step == 4 and trainer.epoch == 2
+    # One epoch completed, and the second stopped after its first batch.
+    assert trainer.step == 4 and trainer.epoch == 1 and trainer.batch_in_epoch == 1
 
 
 def test_evaluate_runs_without_grad_and_restores_train_mode():
@@ -147,7 +148,8 @@ def test_max_minutes_bounds_the_run(monkeypatch):
     monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(clock))
     trainer = Trainer(tiny_model(), TrainConfig(epochs=100, max_minutes=1.0), 0, torch.device("cpu"))
     trainer.fit(lambda epoch: [make_batch([[3, 4]]) for _ in range(50)])
-    assert 1 <= trainer.step < 50 and trainer.epoch == 1
+    # Still inside the first epoch: none completed, some of its batches trained on.
+    assert 1 <= trainer.step < 50 and trainer.epoch == 0 and trainer.batch_in_epoch == trainer.step
     assert trainer.train_seconds >= 60
 
 
