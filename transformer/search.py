@@ -31,8 +31,8 @@ def greedy_decode(
     """Pick the most probable next token until every sentence has ended.
 
     The whole batch is decoded at once. A sentence ends when it emits ``end_symbol`` or
-    has generated ``max_len`` tokens; after that it is padded with ``pad``, and the loop
-    stops when all sentences have ended.
+    has generated ``max_len`` tokens; after that it is padded with ``pad``. Ended
+    sentences leave the batch (a few at a time), and the loop stops when all have ended.
 
     With ``use_cache`` each step feeds only the newest token and reuses the keys and
     values of the earlier ones. Without it, every step runs the decoder over the whole
@@ -48,25 +48,41 @@ def greedy_decode(
     batch = src.size(0)
     device = src.device
     limits = torch.as_tensor(max_len, device=device).expand(batch)
+    width = int(limits.max())
     memory = model.encode(src, src_mask)
-    ys = torch.full((batch, 1), start_symbol, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    ys = torch.full((batch, 1 + width), pad, dtype=torch.long, device=device)
+    ys[:, 0] = start_symbol
+    rows = torch.arange(batch, device=device)  # the batch's rows still in the loop, as rows of ys
+    alive = torch.ones(batch, dtype=torch.bool, device=device)  # of those: not ended yet
+    prefix = ys[:, :1]  # their tokens so far (the whole prefix is needed without a cache)
     cache = model.new_cache() if use_cache else None
-    for step in range(int(limits.max())):
+    steps = 0
+    for step in range(width):
         if cache is not None:
-            out, cache = model.decode(memory, src_mask, ys[:, -1:], None, cache)
+            out, cache = model.decode(memory, src_mask, prefix[:, -1:], None, cache)
         else:
-            out = model.decode(memory, src_mask, ys, subsequent_mask(ys.size(1), device=device))
-        log_probs = model.generator(out[:, -1])  # (B, V)
+            out = model.decode(memory, src_mask, prefix, subsequent_mask(prefix.size(1), device=device))
+        log_probs = model.generator(out[:, -1])  # (b, V)
         log_probs[:, pad] = -torch.inf  # padding is never a word
-        next_word = log_probs.argmax(dim=-1).masked_fill(finished, pad)
-        ys = torch.cat([ys, next_word.unsqueeze(1)], dim=1)
+        next_word = log_probs.argmax(dim=-1).masked_fill(~alive, pad)
+        ys[rows, step + 1] = next_word
+        prefix = torch.cat([prefix, next_word.unsqueeze(1)], dim=1)
+        steps = step + 1
+        alive &= limits[rows] > step + 1
         if end_symbol is not None:
-            finished |= next_word == end_symbol
-        finished |= limits <= step + 1
-        if bool(finished.all()):
+            alive &= next_word != end_symbol
+        n_alive = int(alive.sum())
+        if n_alive == 0:
             break
-    return ys
+        # Ended sentences leave the batch, so the rest decode faster. That copies the
+        # cache, so it waits until a quarter of the rows have ended.
+        if 4 * (rows.numel() - n_alive) >= rows.numel():
+            keep = alive.nonzero().squeeze(1)
+            rows, prefix, alive = rows[keep], prefix[keep], alive[keep]
+            memory, src_mask = memory[keep], src_mask[keep]
+            if cache is not None:
+                cache.reorder(keep)
+    return ys[:, : 1 + steps]
 
 
 def strip_hypothesis(ids: Tensor | list[int], end_symbol: int | None, pad: int) -> list[int]:
