@@ -152,6 +152,27 @@ def test_cache_reorder_follows_the_permutation():
     torch.testing.assert_close(got[real], full[index][real], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_rows_sharing_an_encoder_row_equal_repeated_rows(use_cache):
+    """Beam search keeps one encoder row per sentence for its k hypotheses (query rows
+    g*k ... g*k + k - 1): the decoder then gives what it gives with the rows repeated."""
+    model, memory, src_mask, _, _ = cache_setup(2)
+    k = 3
+    torch.manual_seed(3)
+    tgt = torch.randint(3, 11, (4 * k, 5))
+    with torch.no_grad():
+        if use_cache:
+            shared, _ = feed(model, memory, src_mask, tgt, [1, 1, 3])
+            repeated, _ = feed(model, memory.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0), tgt, [1, 1, 3])
+        else:
+            causal = target_mask(tgt, PAD)
+            shared = model.decode(memory, src_mask, tgt, causal)
+            repeated = model.decode(memory.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0), tgt, causal)
+    torch.testing.assert_close(shared, repeated, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="cannot share"):
+        model.decode(memory, src_mask, tgt[:5], target_mask(tgt[:5], PAD))
+
+
 # --------------------------------------------------------------------------- greedy search
 
 

@@ -131,17 +131,20 @@ class DecoderCache:
     def empty(cls, n_layers: int) -> "DecoderCache":
         return cls(layers=[LayerCache() for _ in range(n_layers)])
 
-    def reorder(self, index: Tensor, static: bool = True) -> None:
+    def reorder(self, index: Tensor, static: Tensor | bool = True) -> None:
         """Keep the batch rows ``index``, in that order (beam search reorders hypotheses).
 
-        With ``static`` False the encoder-decoder keys and values stay as they are:
-        right when ``index`` only moves rows among copies of the same source, as beam
-        search does within one sentence, and it saves copying them at every step.
+        ``static`` says what the encoder-decoder keys and values do: True, follow
+        ``index`` too; False, stay as they are (right when ``index`` only moves rows
+        among hypotheses of the same sentence, which share them); a tensor, keep those
+        rows of them instead (beam search keeps one row per sentence, see
+        ``MultiHeadedAttention``, and drops the sentences that are done).
         """
+        static_index = index if static is True else static if isinstance(static, Tensor) else None
         for layer in self.layers:
             layer.self_attn.reorder(index)
-            if static:
-                layer.src_attn.reorder(index)
+            if static_index is not None:
+                layer.src_attn.reorder(static_index)
 
 
 class DecoderLayer(nn.Module):

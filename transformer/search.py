@@ -62,9 +62,12 @@ def greedy_decode(
             out, cache = model.decode(memory, src_mask, prefix[:, -1:], None, cache)
         else:
             out = model.decode(memory, src_mask, prefix, subsequent_mask(prefix.size(1), device=device))
-        log_probs = model.generator(out[:, -1])  # (b, V)
-        log_probs[:, pad] = -torch.inf  # padding is never a word
-        next_word = log_probs.argmax(dim=-1).masked_fill(~alive, pad)
+        # The most probable word has the largest logit: no need to normalise. (In float32:
+        # argmax over bf16 is slow on the CPU, and the cast keeps the order.)
+        logits = model.generator.proj(out[:, -1])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (b, V)
+        logits[:, pad] = -torch.inf  # padding is never a word
+        next_word = logits.argmax(dim=-1).masked_fill(~alive, pad)
         ys[rows, step + 1] = next_word
         prefix = torch.cat([prefix, next_word.unsqueeze(1)], dim=1)
         steps = step + 1
@@ -169,8 +172,9 @@ def beam_search(
         raise ValueError(f"need 1 <= nbest ({nbest}) <= beam_size ({beam_size})")
     batch, k, device = src.size(0), beam_size, src.device
     limits = torch.as_tensor(max_len).expand(batch).tolist()
-    memory = model.encode(src, src_mask).repeat_interleave(k, dim=0)  # (B*k, S, d_model)
-    src_mask = src_mask.repeat_interleave(k, dim=0)
+    # One row of encoder output per sentence, shared by its k hypotheses (rows g*k to
+    # g*k + k - 1 of the decoder's batch): the attention handles the sharing.
+    memory = model.encode(src, src_mask)  # (B, S, d_model)
     tokens = torch.full((batch * k, 1), start_symbol, dtype=torch.long, device=device)
     # Every beam starts as the same prefix; only the first is live, or the first step
     # would fill the beam with copies of one extension.
@@ -186,13 +190,21 @@ def beam_search(
             out, cache = model.decode(memory, src_mask, tokens[:, -1:], None, cache)
         else:
             out = model.decode(memory, src_mask, tokens, subsequent_mask(tokens.size(1), device=device))
-        log_probs = model.generator(out[:, -1])  # (b*k, V), float32 or wider
-        log_probs[:, pad] = -torch.inf  # padding is never a word
-        scores = scores.to(log_probs.dtype)
-        b, vocab = len(active), log_probs.size(-1)
-        candidates = (scores.unsqueeze(-1) + log_probs.view(b, k, vocab)).view(b, k * vocab)
-        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # (b, 2k), best first
-        top_beam, top_word = top_index // vocab, top_index % vocab
+        logits = model.generator.proj(out[:, -1])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (b*k, V)
+        # The best 2k extensions of a sentence are among the best 2k of each of its
+        # rows, so only those are normalised (log_softmax = logits - logsumexp, over
+        # the whole vocabulary as in training) and compared across the sentence's beams.
+        log_norm = logits.logsumexp(dim=1, keepdim=True)
+        logits[:, pad] = -torch.inf  # padding is never a word
+        b, vocab = len(active), logits.size(-1)
+        width = min(2 * k, vocab)
+        row_logits, row_word = logits.topk(width, dim=1)  # (b*k, width)
+        row_log_probs = row_logits - log_norm
+        scores = scores.to(row_log_probs.dtype)
+        candidates = (scores.unsqueeze(-1) + row_log_probs.view(b, k, width)).view(b, k * width)
+        top_scores, top_index = candidates.topk(min(2 * k, k * width), dim=1)  # (b, 2k), best first
+        top_beam, top_word = top_index // width, row_word.view(b, k * width).gather(1, top_index)
         ends = top_word == end_symbol if end_symbol is not None else torch.zeros_like(top_word, dtype=torch.bool)
         # The best k extensions that do not end; stable sorting keeps them best first.
         keep = torch.sort((~ends).to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :k]
@@ -235,13 +247,12 @@ def beam_search(
         tokens = torch.cat([tokens[rows], top_word.gather(1, keep)[groups].view(-1, 1)], dim=1)
         scores = live_scores[groups]
         if len(going) < b:  # sentences left the batch: drop their rows everywhere
-            kept = (groups.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
-            memory, src_mask = memory[kept], src_mask[kept]
+            memory, src_mask = memory[groups], src_mask[groups]
             if cache is not None:
-                cache.reorder(rows)
+                cache.reorder(rows, static=groups)
         elif cache is not None:
-            # Rows only moved among the beams of their own sentence, whose
-            # encoder-decoder keys and values are identical: leave those in place.
+            # Rows only moved among the hypotheses of their own sentence, which share
+            # its encoder-decoder keys and values: those stay as they are.
             cache.reorder(rows, static=False)
         active = [active[g] for g in going]
     return finished
