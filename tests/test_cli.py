@@ -117,6 +117,16 @@ def test_translate_flag_errors(tiny_run):
     assert result.returncode == 2 and "beam size (1)" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("translate.py", "--checkpoint", ckpt, "--batch-tokens", "0", "1 2")
     assert result.returncode == 2 and "--batch-tokens" in result.stderr
+    result = run_cli("translate.py", "--checkpoint", ckpt, "--device", "cpu", "--dtype", "fp16", "1 2")
+    assert result.returncode == 2 and "fp16 needs a CUDA device" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_translate_in_bf16(tiny_run):
+    run_dir, _ = tiny_run
+    result = run_cli("translate.py", "--checkpoint", str(run_dir / "last.pt"), "--dtype", "bf16", "--beam-size", "2",
+                     input="3 4 5\n\n7 8\n")
+    assert result.returncode == 0, result.stderr
+    assert [len(line.split()) for line in result.stdout.splitlines()] == [3, 0, 2]
 
 
 def test_translate_max_len_and_output_file(tiny_run, tmp_path):

@@ -212,3 +212,24 @@ def test_translator_nbest():
             assert [text for text, _ in hyps] == [""]
     with pytest.raises(ValueError, match="nbest"):
         translator(beam_size=2).translate_nbest(["ab"], nbest=3)
+
+
+def test_translator_decodes_in_another_dtype_on_a_copy():
+    """decode.dtype bf16 decodes with a bf16 copy: the caller's model stays float64, and
+    the bf16 beam scores are that copy's own rescoring of its outputs."""
+    m = model(seed=5)
+    t = Translator(m, Letters(), DecodeConfig(beam_size=3, length_penalty=0.0, dtype="bf16"), torch.device("cpu"))
+    assert next(m.parameters()).dtype == torch.float64
+    assert {p.dtype for p in t.model.parameters()} == {torch.bfloat16}
+    sentences = [s for s in SENTENCES if s]
+    found = t.search(t.encode(sentences), nbest=1)
+    src = [t.encode([s])[0] for s in sentences]
+    for ids, hyps in zip(src, found):
+        x = torch.tensor([ids])
+        h = hyps[0]
+        [lp] = rescore(t.model, x, padding_mask(x, PAD), [h.tokens], BOS, EOS, PAD, [h.length > len(h.tokens)]).tolist()
+        assert h.log_prob == pytest.approx(lp, abs=0.05 * (1 + abs(lp)))  # bf16: about 3 significant digits
+    assert Translator(m, Letters(), DecodeConfig(dtype="fp32"), torch.device("cpu")).model is not m
+    assert Translator(m, Letters(), DecodeConfig(), torch.device("cpu")).model is m
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        Translator(m, Letters(), DecodeConfig(dtype="fp16"), torch.device("cpu"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -16,7 +17,7 @@ from transformer.config import DecodeConfig
 from transformer.model import EncoderDecoder
 from transformer.search import Hypothesis, beam_search, greedy_decode, length_penalty, rescore, strip_hypothesis
 from transformer.tokenize import Tokenizer
-from transformer.utils import resolve_device
+from transformer.utils import DTYPES, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,18 @@ class Translator:
     the input order, greedily or with beam search as ``cfg.beam_size`` says. An empty
     sentence gives an empty translation; one longer than the model's positional table
     is cut, with a warning.
+
+    With ``cfg.dtype`` set and different from the model's, a copy of the model cast
+    to that dtype decodes (the model given is left as it is).
     """
 
     def __init__(self, model: EncoderDecoder, tokenizer: Tokenizer, cfg: DecodeConfig, device: torch.device):
+        if cfg.dtype is not None:
+            dtype = DTYPES[cfg.dtype]
+            if dtype == torch.float16 and device.type != "cuda":
+                raise ValueError(f"decoding in fp16 needs a CUDA device, not {device}; on the CPU use bf16")
+            if next(model.parameters()).dtype != dtype:
+                model = copy.deepcopy(model).to(dtype)
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg

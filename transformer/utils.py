@@ -13,6 +13,7 @@ import torch
 from transformer.config import ConfigError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, **AMP_DTYPES}
 
 
 def resolve_device(name: str) -> torch.device:
