@@ -1,10 +1,12 @@
 """Resuming: an interrupted run, resumed, ends exactly where the uninterrupted one does."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from conftest import ROOT, run_cli
 
 from transformer.checkpoint import load_checkpoint
 from transformer.config import load_config
-from transformer.experiment import resume_state, run_training
+from transformer.experiment import resume_state, run_training, stop_on_signals
 from transformer.train import Trainer
 
 # The copy task, small; dropout on, so the random number generator's state matters too;
@@ -104,3 +106,17 @@ def test_a_signal_saves_and_stops_cleanly_then_resume_finishes(tmp_path, sig):
     result = run_cli("train.py", "--resume", str(run_dir), "--set", f"train.max_steps={step + 3}")
     assert result.returncode == 0, result.stderr
     assert load_checkpoint(run_dir / "last.pt")["step"] == step + 3
+
+
+def test_a_second_sigint_interrupts_at_once():
+    """The first SIGINT only asks for a stop at the next step; the second raises at once;
+    on leaving, the previous handlers are back."""
+    trainer = types.SimpleNamespace(stop_requested=False)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with stop_on_signals(trainer) as received:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert trainer.stop_requested and received == [signal.SIGINT]
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes; never reached
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
