@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer.dropout import Dropout
+
 
 def attention(
     query: Tensor,
@@ -100,7 +102,7 @@ class MultiHeadedAttention(nn.Module):
         # Query, key, value and output projections, in the reference's order.
         self.linears = nn.ModuleList([nn.Linear(d_model, d_model) for _ in range(4)])
         self.dropout_p = dropout
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.use_sdpa = use_sdpa
         # Set by ``record_attention``: keep the last weights in ``self.attn``, as the
         # reference always did (for its pictures); off otherwise, as SDPA has none.
@@ -162,7 +164,10 @@ class MultiHeadedAttention(nn.Module):
         # SDPA's fused kernels pay off over many query positions; for the one new
         # position of a cached decoding step the explicit product is faster (2-3x on
         # the CPU at beam search's sizes).
-        if self.use_sdpa and not self.keep_attention and (self.training or t > 1):
+        # Training on the CPU with attention dropout, SDPA falls back to the explicit
+        # product anyway, with torch's slower dropout mask (see ``transformer.dropout``).
+        cpu_dropout = self.training and self.dropout_p > 0 and q.device.type == "cpu"
+        if self.use_sdpa and not self.keep_attention and not cpu_dropout and (self.training or t > 1):
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0
             )
