@@ -113,7 +113,7 @@ class DecodeConfig:
     batch_tokens: int = 4096  # source tokens (padding included) decoded together, at most
     cache: bool = True  # False: recompute the whole prefix at every step, as the reference
     # Weights and activations while decoding; None keeps the model's own (float32 after
-    # training). bf16 is about 1.5x faster on a CPU with bf16 matmul units; fp16 needs CUDA.
+    # training). bf16 is 1.2-1.5x faster on a CPU with bf16 matmul units; fp16 needs CUDA.
     dtype: Literal["fp32", "bf16", "fp16"] | None = None
 
 

@@ -4,9 +4,9 @@
 Twister generator: about 8 ns an element, a quarter of a training step of the default
 model. Here each 64-bit draw of the same generator gives four 16-bit numbers, and an
 element is kept when its number is at or above ``p``'s threshold; it costs about a
-third as much (the draws are the costly part). The drop probability is ``p`` rounded to a multiple of 1/65536 (0.1 is
-dropped with probability 0.0999908), and kept elements are scaled by one over the
-keep probability actually used, so the output's expectation is still the input.
+third as much (the draws are the costly part). The drop probability is ``p`` rounded
+to a multiple of 1/65536 (0.1 becomes 0.1000061), and kept elements are scaled by one
+over the keep probability actually used, so the output's expectation is the input.
 
 It draws from torch's default generator, like ``nn.Dropout``: ``torch.manual_seed``
 and saved generator states make it reproducible (exact resume depends on that). On
