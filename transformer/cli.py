@@ -76,6 +76,10 @@ def train_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         print("interrupted", file=sys.stderr)
         return 130
+    if not result.main:
+        # Under torchrun, rank 0 reports for the run; the others end cleanly (0), since a
+        # failing process has torchrun kill the rest, rank 0 maybe before its last words.
+        return 0
     print(result.run_dir)
     if result.interrupted is not None:
         print(f"stopped early; continue with: python train.py --resume {result.run_dir}", file=sys.stderr)

@@ -18,13 +18,14 @@ import torch
 from transformer.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from transformer.config import Config, ConfigError, FinetuneConfig, load_config, save_config, to_dict
 from transformer.copy_task import CopyTask
+from transformer.distributed import Distributed, distributed
 from transformer.evaluate import score
 from transformer.model import EncoderDecoder
 from transformer.tokenize import Tokenizer, tokenizer_from_state
 from transformer.train import EpochSummary, Trainer
 from transformer.translate import Translator, decoding_name
 from transformer.translation_task import TranslationTask
-from transformer.utils import MetricsLog, resolve_device, setup_logging
+from transformer.utils import MetricsLog, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +84,27 @@ class Validator:
     validation text), saves ``last.pt``, saves ``best.pt`` when the score improves
     (BLEU for translation, loss for the copy task), and asks to stop after
     ``train.patience`` evaluations without improvement.
+
+    With several processes every one calls it: rank 0 validates and writes, the others
+    only give their part of the checkpoint (their generators' states) and receive its
+    decision to stop.
     """
 
-    def __init__(self, cfg: Config, task, run_dir: Path, metrics: MetricsLog, device: torch.device):
+    def __init__(
+        self, cfg: Config, task, run_dir: Path, metrics: MetricsLog | None, device: torch.device,
+        dist: Distributed | None = None,
+    ):
         self.cfg, self.task, self.run_dir, self.metrics, self.device = cfg, task, run_dir, metrics, device
+        self.dist = dist if dist is not None else Distributed(device=device)
         self.best: float | None = None
         self.bad_evals = 0
         self.last_step = -1
 
     def __call__(self, trainer: Trainer) -> bool:
         self.last_step = trainer.step
+        if not self.dist.is_main:
+            self.save(trainer)
+            return self.dist.broadcast(False)
         start = time.perf_counter()
         record: dict[str, Any] = {"kind": "valid", "step": trainer.step, "epoch": trainer.epoch}
         record["valid_loss"] = trainer.evaluate(self.task.valid_batches())
@@ -120,10 +132,10 @@ class Validator:
         self.metrics.write(**record)
         log.info("step %d: %s%s (%.1f s)", trainer.step, text, ", new best" if improved else "", record["seconds"])
         patience = self.cfg.train.patience
-        if patience is not None and self.bad_evals >= patience:
+        stop = patience is not None and self.bad_evals >= patience
+        if stop:
             log.info("no improvement in %d validations: stopping early", patience)
-            return True
-        return False
+        return self.dist.broadcast(stop)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "bad_evals": self.bad_evals, "last_step": self.last_step}
@@ -132,9 +144,11 @@ class Validator:
         self.best, self.bad_evals, self.last_step = state["best"], state["bad_evals"], state["last_step"]
 
     def save(self, trainer: Trainer) -> dict[str, Any]:
-        """Write ``last.pt``: the newest state, which ``train.py --resume`` continues from."""
+        """Write ``last.pt``: the newest state, which ``train.py --resume`` continues from
+        (rank 0 writes it; every process must call this)."""
         state = checkpoint_state(self.cfg, trainer.model, self.task.tokenizer, trainer, self)
-        save_checkpoint(self.run_dir / "last.pt", state)
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir / "last.pt", state)
         return state
 
     def _keep(self, state: dict[str, Any], step: int) -> None:
@@ -154,6 +168,7 @@ class RunResult:
     epochs: list[EpochSummary]
     demo: list[tuple[str, str]]  # a few (source, output) pairs decoded at the end
     interrupted: int | None = None  # the signal that stopped the run early, if one did
+    main: bool = True  # False in the processes other than rank 0 of a torchrun launch
 
 
 def resume_state(run_dir: Path) -> dict[str, Any]:
@@ -222,14 +237,20 @@ def run_training(
 
     SIGINT and SIGTERM stop the run at the next step boundary, after saving ``last.pt``
     (a second SIGINT stops at once); the result then says which signal it was.
+
+    Launched by ``torchrun`` (see ``transformer.distributed``), each process trains on
+    its share of every step; rank 0 makes the run directory and writes the logs, the
+    checkpoints and the test scores, and the others log warnings only.
     """
-    run_dir = resume[0] if resume is not None else new_run_dir(cfg, name)
-    handler = setup_logging(run_dir / "train.log")
-    try:
-        return _run(cfg, run_dir, demo_sentences, resume[1] if resume is not None else None)
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+    with distributed(cfg.train.device) as dist:
+        run_dir = resume[0] if resume is not None else dist.on_main(lambda: new_run_dir(cfg, name))
+        handler = setup_logging(run_dir / "train.log") if dist.is_main else setup_logging(level=logging.WARNING)
+        try:
+            return _run(cfg, run_dir, demo_sentences, resume[1] if resume is not None else None, dist)
+        finally:
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
 
 
 @contextmanager
@@ -258,31 +279,49 @@ def stop_on_signals(trainer: Trainer) -> Iterator[list[int]]:
             signal.signal(sig, h)
 
 
-def _run(cfg: Config, run_dir: Path, demo_sentences: int, resumed: dict[str, Any] | None) -> RunResult:
-    device = resolve_device(cfg.train.device)
+def _run(
+    cfg: Config, run_dir: Path, demo_sentences: int, resumed: dict[str, Any] | None, dist: Distributed
+) -> RunResult:
+    device = dist.device
     start = None  # the checkpoint a fine-tuning run starts from
     if resumed is None:
-        save_config(cfg, run_dir / "config.yaml")
+        if dist.is_main:
+            save_config(cfg, run_dir / "config.yaml")
         log.info("run directory: %s", run_dir)
         if cfg.finetune.init_from is not None:
             start = load_checkpoint(cfg.finetune.init_from)
             log.info("starting from %s (step %s)", cfg.finetune.init_from, start.get("step"))
     else:
         log.info("resuming %s at step %d (epoch %d)", run_dir, resumed["step"], resumed["epoch"] + 1)
+    if dist.enabled:
+        log.info("process %d of %d, device %s", dist.rank + 1, dist.world_size, device)
     torch.manual_seed(cfg.train.seed)
     if resumed is None:
-        task = build_task(cfg, tokenizer_from_state(start["tokenizer"]) if start is not None else None)
-        save_checkpoint(run_dir / "tokenizer.pt", {"tokenizer": task.tokenizer.state_dict()})
+        tokenizer = tokenizer_from_state(start["tokenizer"]) if start is not None else None
+        task = None
+
+        def learn() -> dict[str, Any]:
+            nonlocal task
+            task = build_task(cfg, tokenizer)
+            save_checkpoint(run_dir / "tokenizer.pt", {"tokenizer": task.tokenizer.state_dict()})
+            return task.tokenizer.state_dict()
+
+        # Rank 0 fetches the corpus and learns the tokenizer; the other processes take its.
+        learned = dist.on_main(learn)
+        if task is None:
+            task = build_task(cfg, tokenizer_from_state(learned))
     else:
         task = build_task(cfg, tokenizer_from_state(resumed["tokenizer"]))
     model = build_model(cfg.model, task.tokenizer).to(device)
+    if start is not None or resumed is not None:
+        freeze(model, cfg.finetune)  # before DDP, which expects a gradient for every trainable weight
+    if dist.enabled:
+        torch.manual_seed(cfg.train.seed + dist.rank)  # the same weights, but each its own dropout masks
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s parameters, device %s, amp %s", f"{n_params:,}", device, cfg.train.amp)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    trainer = Trainer(model, cfg.train, task.tokenizer.pad_id, device, metrics)
-    validate = Validator(cfg, task, run_dir, metrics, device)
-    if start is not None or resumed is not None:
-        freeze(model, cfg.finetune)
+    metrics = MetricsLog(run_dir / "metrics.jsonl") if dist.is_main else None
+    trainer = Trainer(model, cfg.train, task.tokenizer.pad_id, device, metrics, dist)
+    validate = Validator(cfg, task, run_dir, metrics, device, dist)
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         trainer.load_state_dict(resumed["trainer"])
@@ -303,10 +342,13 @@ def _run(cfg: Config, run_dir: Path, demo_sentences: int, resumed: dict[str, Any
         validate.save(trainer)
         log.info("stopped at step %d; saved %s. Continue with: python train.py --resume %s",
                  trainer.step, run_dir / "last.pt", run_dir)
-        return RunResult(run_dir, epochs, [], interrupted=received[0] if received else signal.SIGINT)
+        interrupted = received[0] if received else signal.SIGINT  # or another process's signal
+        return RunResult(run_dir, epochs, [], interrupted=interrupted, main=dist.is_main)
     if validate.last_step != trainer.step:  # the run ended between two evaluation points
         validate(trainer)
     log.info("saved %s and %s", run_dir / "last.pt", run_dir / "best.pt")
+    if not dist.is_main:  # the test set and the demo are rank 0's
+        return RunResult(run_dir, epochs, [], main=False)
 
     if isinstance(task, TranslationTask):
         return RunResult(run_dir, epochs, _test(task, run_dir, metrics, device, demo_sentences))
