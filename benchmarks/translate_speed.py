@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from transformer.data import read_lines, resolve_data_dir  # noqa: E402
 from transformer.evaluate import score  # noqa: E402
 from transformer.translate import Translator, decoding_name  # noqa: E402
+from transformer.utils import keep_freed_memory  # noqa: E402
 
 
 def timed(translator: Translator, sources: list[list[int]]) -> tuple[float, list[list[int]], int]:
@@ -52,12 +53,16 @@ def main() -> int:
     parser.add_argument("--length-penalty", type=float, default=None)
     parser.add_argument("--limit", type=int, default=None, help="decode only the first N test sentences")
     parser.add_argument("--dtypes", default="fp32,bf16", help="weight types for the batched decoders, comma-separated")
+    parser.add_argument("--batch-size", type=int, default=None, help="sentences per batch (default: the checkpoint's)")
+    parser.add_argument("--batch-tokens", type=int, default=None, help="source tokens per batch (default: the checkpoint's)")
     args = parser.parse_args()
+    keep_freed_memory()  # as translate.py does
 
     data = resolve_data_dir(args.data_dir)
     src = read_lines(data / "test_2016_flickr.de.gz")[: args.limit]
     ref = read_lines(data / "test_2016_flickr.en.gz")[: args.limit]
-    base = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    sizes = {k: v for k, v in (("batch_size", args.batch_size), ("batch_tokens", args.batch_tokens)) if v is not None}
+    base = Translator.from_checkpoint(args.checkpoint, device=args.device, **sizes)
     sources = base.encode(src)
     alpha = base.cfg.length_penalty if args.length_penalty is None else args.length_penalty
     setups = [("reference (1 sentence, no cache)", dataclasses.replace(base.cfg, beam_size=1, batch_size=1, cache=False))]

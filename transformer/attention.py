@@ -144,6 +144,10 @@ class MultiHeadedAttention(nn.Module):
                 if cache.k is not None:  # self-attention: append the new positions
                     k = torch.cat([cache.k, k], dim=2)
                     v = torch.cat([cache.v, v], dim=2)
+                elif cache.static:
+                    # Stored contiguous: as views of the projection, every later step's
+                    # product would copy them to fold (B, h) into one batch dimension.
+                    k, v = k.contiguous(), v.contiguous()
                 cache.k, cache.v = k, v
         if mask is not None:
             mask = mask.unsqueeze(1)  # same mask for every head: (B', 1, T_q or 1, T_k)

@@ -137,9 +137,10 @@ def translate_main(argv: list[str] | None = None) -> int:
     from transformer.data import DataError, iter_lines, read_lines
     from transformer.evaluate import score
     from transformer.translate import Translator
-    from transformer.utils import setup_logging
+    from transformer.utils import keep_freed_memory, setup_logging
 
     setup_logging()
+    keep_freed_memory()
     overrides = {"cache": not args.no_cache}
     for flag in ("beam_size", "length_penalty", "batch_size", "batch_tokens", "dtype"):
         if getattr(args, flag) is not None:
