@@ -5,11 +5,12 @@
 
 It prints:
   1. the matmul peak of this machine, fp32 and bf16 (the best of a few large products);
-  2. for the default CPU config (configs/multi30k.yaml) and the base config
-     (configs/multi30k_base.yaml), each in fp32 and with bf16 autocast: target tokens/s
-     over Multi30k training batches, model FLOPs per target token (transformer.flops),
-     the FLOP/s they imply and their share of the peak of the same dtype, and the
-     peak memory (resident set on the CPU, allocated memory on CUDA);
+  2. for the default CPU config (configs/multi30k.yaml), the base config
+     (configs/multi30k_base.yaml) and the default one with train.compile, each in fp32
+     and with bf16 autocast: target tokens/s over Multi30k training batches, model
+     FLOPs per target token (transformer.flops), the FLOP/s they imply and their share
+     of the peak of the same dtype, and the peak memory (resident set on the CPU,
+     allocated memory on CUDA);
   3. how the step time of the default config grows with sentence length (16 to 256
      tokens, at the config's batch tokens) and with the batch's token budget.
 
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from transformer.batching import Batch  # noqa: E402
 from transformer.config import Config, load_config  # noqa: E402
 from transformer.flops import training_flops  # noqa: E402
+from transformer.utils import keep_freed_memory  # noqa: E402
 
 WARMUP = 3  # steps run before the clock starts (1 for the base config: its steps are long)
 
@@ -88,6 +90,7 @@ def measure(spec: dict) -> dict:
     from transformer.tokenize import tokenizer_from_state
     from transformer.train import Trainer
 
+    keep_freed_memory()  # as train.py does
     cfg: Config = load_config(spec["config"], spec["overrides"])
     device = torch.device(spec["device"])
     torch.manual_seed(0)
@@ -173,14 +176,20 @@ def main() -> int:
 
     print(f"\n{'config':<22} {'amp':<5} {'tok/s':>7} {'MFLOP/tok':>9} {'GFLOP/s':>8} {'of peak':>8} "
           f"{'ms/step':>8} {'memory':>9}")
-    configs = [("multi30k.yaml", steps, WARMUP), ("multi30k_base.yaml", max(2, steps // 4), 1)]
-    for name, n, warmup in configs:
+    # (label, config, timed steps, warm-up steps, extra settings); the compiled rows
+    # compile during their warm-up steps (dynamic shapes: once for every batch shape).
+    configs = [
+        ("multi30k.yaml", "multi30k.yaml", steps, WARMUP, []),
+        ("multi30k_base.yaml", "multi30k_base.yaml", max(2, steps // 4), 1, []),
+        ("multi30k.yaml compiled", "multi30k.yaml", steps, WARMUP, ["train.compile=true"]),
+    ]
+    for label, name, n, warmup, extra in configs:
         for amp in ("none", "bf16"):
             spec = dict(base_spec, config=str(ROOT / "configs" / name), steps=n, warmup=warmup,
-                        overrides=data + dev + [f"train.amp={amp}"])
+                        overrides=data + dev + [f"train.amp={amp}"] + extra)
             r = run_child(spec)
             peak = peaks["bf16" if amp == "bf16" else "fp32"]
-            print(f"{name:<22} {amp:<5} {r['tokens_per_s']:7.0f} {r['mflop_per_token']:9.1f} {r['gflops']:8.1f} "
+            print(f"{label:<22} {amp:<5} {r['tokens_per_s']:7.0f} {r['mflop_per_token']:9.1f} {r['gflops']:8.1f} "
                   f"{100 * r['gflops'] / peak:7.1f}% {r['ms_per_step']:8.0f} {r['memory_mib']:6.0f} MiB")
 
     default = str(ROOT / "configs" / "multi30k.yaml")

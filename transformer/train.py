@@ -89,6 +89,15 @@ class Trainer:
             )
             if self.dist.enabled else None
         )
+        # What training steps call: DDP or the plain model, compiled if asked for.
+        self.forward = self.ddp if self.ddp is not None else model
+        if cfg.compile:
+            import torch._inductor.config as inductor_config
+
+            # Dropout then draws from torch's generator as in eager mode, so a run is
+            # reproducible from its seed and saved generator states (exact resume).
+            inductor_config.fallback_random = True
+            self.forward = torch.compile(self.forward, dynamic=True)
         self.cfg = cfg
         self.device = device
         self.metrics = metrics
@@ -204,10 +213,11 @@ class Trainer:
         """The summed label-smoothed loss of one batch (already on the device).
 
         Args:
-            train: run the forward pass through DDP (when there are several processes),
-                so that the backward pass all-reduces the gradients.
+            train: run the training forward pass: through DDP when there are several
+                processes (the backward pass then all-reduces the gradients), compiled
+                with ``train.compile``.
         """
-        net = self.ddp if train and self.ddp is not None else self.model
+        net = self.forward if train else self.model
         with autocast(self.device, self.cfg.amp):
             out = net(batch.src, batch.tgt_in, batch.src_mask, batch.tgt_mask)  # (B, T, d_model)
             # Only real target positions go through the (large) output layer.
