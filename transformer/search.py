@@ -195,7 +195,9 @@ def beam_search(
         # The best 2k extensions of a sentence are among the best 2k of each of its
         # rows, so only those are normalised (log_softmax = logits - logsumexp, over
         # the whole vocabulary as in training) and compared across the sentence's beams.
-        log_norm = logits.logsumexp(dim=1, keepdim=True)
+        # A few rows at a time: logsumexp's temporary is then small enough to be reused
+        # from the heap instead of being freshly mapped (and page-faulted) at every step.
+        log_norm = torch.cat([part.logsumexp(dim=1, keepdim=True) for part in logits.split(128)])
         logits[:, pad] = -torch.inf  # padding is never a word
         b, vocab = len(active), logits.size(-1)
         width = min(2 * k, vocab)
