@@ -118,11 +118,11 @@ def test_compiled_training_matches_eager():
     the same numbers from torch's generator), over batches of several shapes."""
     batches = [make_batch(s) for s in ([[3, 4, 5, 6, 7]] * 4, [[8, 9], [5, 3, 10], [7]], [[2, 3, 4, 5, 6, 7, 8]] * 3)]
     runs = []
-    for compile in (False, True):
+    for compiled in (False, True):
         model = tiny_model(dropout=0.1)
         # A large Adam epsilon: the attention keys' bias has a zero gradient in exact
         # arithmetic, and Adam would turn its rounding noise into full-size steps.
-        cfg = TrainConfig(compile=compile, warmup=5, adam_eps=0.01)
+        cfg = TrainConfig(compile=compiled, warmup=5, adam_eps=0.01)
         trainer = Trainer(model, cfg, 0, torch.device("cpu"))
         torch.manual_seed(1)
         losses = [trainer.train_step([b])[0] for b in batches * 2]

@@ -86,7 +86,7 @@ class TrainConfig:
     max_minutes: float | None = None  # stop after this much training time (wall clock)
     accum_steps: int = 1  # micro-batches per optimizer step (gradients are token-averaged)
     # torch.compile the training forward pass, with dynamic shapes (one compilation for
-    # every batch shape). On the 2-core CPU it was 12-15% slower than eager; for GPUs.
+    # every batch shape). On the 2-core CPU it was 6-10% slower than eager; for GPUs.
     compile: bool = False
     clip_grad_norm: float | None = None
     label_smoothing: float = 0.1
