@@ -13,7 +13,7 @@ import torch
 from transformer.batching import padding_mask
 from transformer.config import DecodeConfig
 from transformer.model import make_model
-from transformer.search import beam_search, greedy_decode, length_penalty, rescore
+from transformer.search import _encode, beam_search, greedy_decode, length_penalty, rescore
 from transformer.translate import Translator
 
 PAD, BOS, EOS = 0, 1, 2
@@ -46,6 +46,14 @@ def test_beam_size_one_is_greedy(seed, use_cache):
     for row, hyps in zip(ys.tolist(), found):
         words = [w for w in row[1:] if w != PAD]
         assert hyps[0].tokens == [w for w in itertools.takewhile(lambda w: w != EOS, words)]
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 14, 1000])
+def test_encoding_a_few_rows_at_a_time_changes_nothing(tokens):
+    m = model(seed=2)
+    src, mask = source(lengths=(7, 4, 6, 2, 5), seed=2)  # 7 tokens wide: 1, 1, 2 or 5 rows at a time
+    whole = m.encode(src, mask)
+    assert torch.allclose(_encode(m, src, mask, tokens=tokens), whole, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
