@@ -46,6 +46,7 @@ def test_overrides_are_coerced_to_the_field_type():
         ("model.tie_embeddings=3", "model.tie_embeddings"),
         ("model.norm=middle", "model.norm"),
         ("model.h=7", "model.h"),
+        ("decode.workers=0", "decode.workers"),
         ("train.adam_betas=[0.9]", "train.adam_betas"),
         ("data.copy.min_len=20", "data.copy.min_len"),
         ("train=5", "train"),

@@ -176,6 +176,35 @@ def test_translator_keeps_input_order_and_empty_lines(beam_size):
     assert outputs[1] == outputs[6] == ""
 
 
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_decoding_batches_in_parallel_changes_nothing(beam_size):
+    """Batches decoded by three workers at once, each on one thread, give what one
+    batch after another gives (tokens, lengths and scores); the thread setting is
+    restored afterwards."""
+    threads = torch.get_num_threads()
+    sentences = SENTENCES * 3
+    found = {}
+    for workers in (1, 3):
+        t = translator(beam_size=beam_size, length_penalty=0.6, batch_size=2, batch_tokens=12, workers=workers)
+        assert t.workers == workers
+        found[workers] = t.search(t.encode(sentences), nbest=1)
+        assert torch.get_num_threads() == threads
+    for one, par in zip(found[1], found[3]):
+        assert [(h.tokens, h.length) for h in one] == [(h.tokens, h.length) for h in par]
+        assert [h.score for h in par] == pytest.approx([h.score for h in one], rel=1e-12, nan_ok=True)
+
+
+def test_translator_workers_default():
+    """Two workers on a CPU with two threads or more, else one."""
+    threads = torch.get_num_threads()
+    try:
+        for n, expected in ((1, 1), (2, 2), (4, 2)):
+            torch.set_num_threads(n)
+            assert translator().workers == expected
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_translator_batches_respect_both_budgets():
     t = translator(batch_size=3, batch_tokens=10)
     sources = t.encode(SENTENCES)

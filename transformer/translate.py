@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,7 +29,8 @@ class Translator:
     Sentences are decoded in batches sorted by length (less padding) and returned in
     the input order, greedily or with beam search as ``cfg.beam_size`` says. An empty
     sentence gives an empty translation; one longer than the model's positional table
-    is cut, with a warning.
+    is cut, with a warning. On a CPU, ``cfg.workers`` batches are decoded at once in
+    threads, each on its share of the cores; the outputs do not depend on it.
 
     With ``cfg.dtype`` set and different from the model's, a copy of the model cast
     to that dtype decodes (the model given is left as it is).
@@ -46,6 +48,13 @@ class Translator:
         self.cfg = cfg
         self.device = device
         self.max_positions = model.src_embed[1].pe.size(1)
+        # Batches decoded at once (see ``search``): by default two on a CPU with two
+        # threads or more, which on the 2-core machine this was measured on is 15-25%
+        # faster than one batch at a time on both threads.
+        if cfg.workers is not None:
+            self.workers = cfg.workers
+        else:
+            self.workers = 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", **decode_overrides) -> "Translator":
@@ -83,29 +92,58 @@ class Translator:
         Args:
             nbest: hypotheses per sentence (default: the config's ``nbest``).
         """
-        tok, cfg = self.tokenizer, self.cfg
+        cfg = self.cfg
         nbest = cfg.nbest if nbest is None else nbest
         if not 1 <= nbest <= cfg.beam_size:
             raise ValueError(f"nbest ({nbest}) must be between 1 and the beam size ({cfg.beam_size})")
         results: list[list[Hypothesis]] = [[Hypothesis([], math.nan, math.nan, 0)] for _ in sources]
         self.model.eval()
-        for index in self._batches(sources):
-            src = pad_sequences([sources[i] for i in index], tok.pad_id).to(self.device)
-            src_mask = padding_mask(src, tok.pad_id)
-            limits = self._limits([len(sources[i]) for i in index]).to(self.device)
-            if cfg.beam_size > 1:
-                found = beam_search(
-                    self.model, src, src_mask, limits, tok.bos_id, tok.eos_id, cfg.beam_size,
-                    alpha=cfg.length_penalty, nbest=nbest, pad=tok.pad_id, use_cache=cfg.cache,
-                )
-            else:
-                ys = greedy_decode(self.model, src, src_mask, limits, tok.bos_id, tok.eos_id, tok.pad_id, cfg.cache)
-                found = [[self._greedy_hypothesis(row, limit)] for row, limit in zip(ys.tolist(), limits.tolist())]
-                if scores:
-                    self._score(found, src, src_mask)
-            for i, hyps in zip(index, found):
-                results[i] = hyps
+        batches = list(self._batches(sources))
+        workers = min(self.workers, len(batches))
+        if workers <= 1:
+            for index in batches:
+                for i, hyps in zip(index, self._decode_batch(sources, index, nbest, scores)):
+                    results[i] = hyps
+            return results
+        # Batches are independent: decode several at once, each on its share of the
+        # threads. Small operations on one thread each run side by side instead of
+        # waiting for one another, and the outputs are the same as one at a time. The
+        # biggest batches go first, so that no worker is left with a long one at the end.
+        threads = torch.get_num_threads()
+        per_worker = max(1, threads // workers)
+
+        def decode(index: list[int]) -> list[list[Hypothesis]]:
+            torch.set_num_threads(per_worker)  # this thread's share (a per-thread setting)
+            return self._decode_batch(sources, index, nbest, scores)
+
+        batches.sort(key=lambda index: -len(index) * len(sources[index[-1]]))
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+                for index, found in zip(batches, pool.map(decode, batches)):
+                    for i, hyps in zip(index, found):
+                        results[i] = hyps
+        finally:
+            torch.set_num_threads(threads)  # the workers' calls also changed the default for new threads
         return results
+
+    def _decode_batch(
+        self, sources: Sequence[list[int]], index: list[int], nbest: int, scores: bool
+    ) -> list[list[Hypothesis]]:
+        """Hypotheses for the sources ``index`` (non-empty), decoded as one batch."""
+        tok, cfg = self.tokenizer, self.cfg
+        src = pad_sequences([sources[i] for i in index], tok.pad_id).to(self.device)
+        src_mask = padding_mask(src, tok.pad_id)
+        limits = self._limits([len(sources[i]) for i in index]).to(self.device)
+        if cfg.beam_size > 1:
+            return beam_search(
+                self.model, src, src_mask, limits, tok.bos_id, tok.eos_id, cfg.beam_size,
+                alpha=cfg.length_penalty, nbest=nbest, pad=tok.pad_id, use_cache=cfg.cache,
+            )
+        ys = greedy_decode(self.model, src, src_mask, limits, tok.bos_id, tok.eos_id, tok.pad_id, cfg.cache)
+        found = [[self._greedy_hypothesis(row, limit)] for row, limit in zip(ys.tolist(), limits.tolist())]
+        if scores:
+            self._score(found, src, src_mask)
+        return found
 
     def _greedy_hypothesis(self, row: list[int], limit: int) -> Hypothesis:
         tokens = strip_hypothesis(row, self.tokenizer.eos_id, self.tokenizer.pad_id)
