@@ -62,7 +62,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=None, help="batches decoded at once (default: translate.py's)")
     parser.add_argument("--repeat", type=int, default=3, help="passes of each batched decoder; the median counts")
     args = parser.parse_args()
-    keep_freed_memory()  # as translate.py does
+    keep_freed_memory(one_arena=True)  # as translate.py does
 
     data = resolve_data_dir(args.data_dir)
     src = read_lines(data / "test_2016_flickr.de.gz")[: args.limit]

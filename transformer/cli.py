@@ -145,7 +145,7 @@ def translate_main(argv: list[str] | None = None) -> int:
     from transformer.utils import keep_freed_memory, setup_logging
 
     setup_logging()
-    keep_freed_memory()
+    keep_freed_memory(one_arena=True)  # decoding worker threads share the main arena
     overrides = {"cache": not args.no_cache}
     for flag in ("beam_size", "length_penalty", "batch_size", "batch_tokens", "dtype", "workers"):
         if getattr(args, flag) is not None:

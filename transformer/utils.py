@@ -68,17 +68,22 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
     return handler
 
 
-def keep_freed_memory() -> None:
+def keep_freed_memory(one_arena: bool = False) -> None:
     """Ask glibc's malloc to keep freed memory for reuse instead of returning it.
 
     A training step allocates and frees the same large buffers every time. By default
     glibc hands big blocks back to the system and has to fault fresh, zeroed pages in
     for the next step; keeping them (trim threshold 1 GiB, mmap threshold at its 32 MiB
     maximum) made CPU training about a third faster here; decoding in large batches
-    gains too. Threads share the main arena (one arena), whose freed memory these
-    settings keep: each thread's own arena would hand its memory back, and decoding
-    worker threads (``decode.workers``) then faulted some 30,000 pages in at every
-    pass (about 5% of a greedy pass over test2016). A no-op where glibc is absent.
+    gains too. A no-op where glibc is absent.
+
+    Args:
+        one_arena: let all threads share the main arena, whose freed memory these
+            settings keep. For decoding with worker threads (``decode.workers``): their
+            own arenas handed memory back, and every greedy pass over test2016 faulted
+            some 30,000 pages in again (about 170 with one arena; passes 2.46 s instead
+            of 2.48-2.65 s). Not for training: there fp32 steps measured 2-11% slower
+            with one arena (four pairs of runs; bf16 showed no difference).
     """
     import ctypes
     import ctypes.util
@@ -91,6 +96,7 @@ def keep_freed_memory() -> None:
         m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
         libc.mallopt(m_mmap_threshold, 32 << 20)
         libc.mallopt(m_trim_threshold, 1 << 30)
-        libc.mallopt(m_arena_max, 1)
+        if one_arena:
+            libc.mallopt(m_arena_max, 1)
     except (OSError, AttributeError):
         pass
