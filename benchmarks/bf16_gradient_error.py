@@ -1,0 +1,107 @@
+"""How far a bf16 autocast training step's gradient is from the float32 one, and where.
+
+    python benchmarks/bf16_gradient_error.py --checkpoint RUN/step-2000.pt [--batches 6]
+
+Takes a trained checkpoint and the first --batches validation batches, and computes the
+gradient of the summed label-smoothed loss (as a training step does, dropout off so
+that every variant sees the same network) in float32 and under bf16 autocast, with the
+attention scores and softmax, or the output layer, or both, moved back to float32.
+For each it prints the loss's relative difference from float32 and the gradient's
+relative L2 distance from float32's, over all parameters except the key projections'
+biases (whose exact gradient is zero, as the softmax ignores a shift that is the same
+for every key).
+
+The attention runs the explicit product (``use_sdpa=False``), which is what training on
+the CPU with attention dropout uses; SDPA under bf16 is printed too, for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import transformer.attention as attention_module  # noqa: E402
+from transformer.checkpoint import load_model  # noqa: E402
+from transformer.experiment import build_task  # noqa: E402
+from transformer.loss import LabelSmoothing  # noqa: E402
+from transformer.utils import autocast  # noqa: E402
+
+explicit_attention = attention_module.attention
+
+
+def attention_in_float32(query, key, value, mask=None, dropout=None):
+    """``attention`` with its scores, softmax and weighted sum in float32."""
+    with torch.autocast(query.device.type, enabled=False):
+        return explicit_attention(query.float(), key.float(), value.float(), mask, dropout)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--batches", type=int, default=6, help="validation batches to sum the gradient over")
+    args = parser.parse_args()
+
+    model, tokenizer, cfg = load_model(args.checkpoint)
+    if args.data_dir is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=args.data_dir))
+    task = build_task(cfg, tokenizer)
+    crit = LabelSmoothing(tokenizer.tgt_vocab_size, tokenizer.pad_id, cfg.train.label_smoothing)
+    batches = task.valid_batches()[: args.batches]
+    device = torch.device("cpu")
+    model.eval()
+    proj = model.generator.proj
+
+    def gradient(amp: str, sdpa: bool = False, attention_fp32: bool = False, output_fp32: bool = False):
+        for module in model.modules():
+            if isinstance(module, attention_module.MultiHeadedAttention):
+                module.use_sdpa = sdpa
+        attention_module.attention = attention_in_float32 if attention_fp32 else explicit_attention
+        model.zero_grad(set_to_none=True)
+        total = 0.0
+        try:
+            for b in batches:
+                with autocast(device, amp):
+                    out = model(b.src, b.tgt_in, b.src_mask, b.tgt_mask)
+                    real = b.tgt_out != crit.padding_idx
+                    if output_fp32:
+                        with torch.autocast(device.type, enabled=False):
+                            loss = crit.from_hidden(out[real].float(), proj, b.tgt_out[real])
+                    else:
+                        loss = crit.from_hidden(out[real], proj, b.tgt_out[real])
+                loss.backward()
+                total += loss.item()
+        finally:
+            attention_module.attention = explicit_attention
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return total, grads
+
+    ref_loss, ref = gradient("none")
+    names = [n for n in ref if not n.endswith("linears.1.bias")]
+    norm = torch.sqrt(sum((ref[n] ** 2).sum() for n in names))
+    print(f"{args.checkpoint}: {len(batches)} validation batches, "
+          f"{sum(b.ntokens for b in batches)} target tokens, torch {torch.__version__}")
+    print(f"{'variant':<44} {'loss vs fp32':>13} {'gradient vs fp32':>17}")
+    variants = [
+        ("bf16 autocast (the training path)", dict()),
+        ("bf16, attention in fp32", dict(attention_fp32=True)),
+        ("bf16, output layer in fp32", dict(output_fp32=True)),
+        ("bf16, attention and output layer in fp32", dict(attention_fp32=True, output_fp32=True)),
+        ("bf16 autocast, SDPA attention", dict(sdpa=True)),
+    ]
+    for name, options in variants:
+        loss, grads = gradient("bf16", **options)
+        distance = torch.sqrt(sum(((grads[n] - ref[n]) ** 2).sum() for n in names)) / norm
+        print(f"{name:<44} {(loss - ref_loss) / ref_loss:>+13.2e} {distance.item():>16.2%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
