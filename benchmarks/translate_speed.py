@@ -2,7 +2,7 @@
 
     python benchmarks/translate_speed.py --checkpoint RUN/best.pt [--data-dir data/multi30k]
 
-Decodes test_2016_flickr (1,000 sentences) in one process, in this order:
+Decodes test_2016_flickr (1,000 sentences) in one process:
   1. the reference's way: one sentence after another, no cache (the whole prefix is
      run through the decoder at every step), greedy, stopping at </s>;
   2. batched, cached greedy (--workers batches at once, translate.py's default unless
@@ -13,10 +13,16 @@ Decodes test_2016_flickr (1,000 sentences) in one process, in this order:
 For each it prints wall seconds, sentences/s, target tokens/s (generated tokens,
 </s> included), the speed-up over the reference's way (in float32, as the article
 decodes) and sacreBLEU; and how many batched greedy outputs are identical to the
-reference's way. The batched decoders run --repeat times (default 3; the first pass
-included) and their median pass counts, as a pass of 2-10 s is at the mercy of a
-moment's load on a shared machine; every pass's seconds are printed too. The
-reference's way (over a minute) runs once.
+reference's way.
+
+The run goes in --repeat rounds (default 5). A round decodes one part of the
+sentences (a fifth by default) the reference's way, then all of them once with each
+batched decoder. The reference's time is the sum over its parts (every sentence once);
+a batched decoder's is the median of its passes, every pass's seconds printed too.
+Interleaved so, both sides of each ratio see the same moments of a shared machine.
+With the reference's minute in one piece before all the 2-10 s passes, nine runs had
+given greedy 25x to 37x, the reference's minute moving most (66 s in one run, 81 s in
+another) while the batched passes stayed within a few percent.
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="sentences per batch (default: the checkpoint's)")
     parser.add_argument("--batch-tokens", type=int, default=None, help="source tokens per batch (default: the checkpoint's)")
     parser.add_argument("--workers", type=int, default=None, help="batches decoded at once (default: translate.py's)")
-    parser.add_argument("--repeat", type=int, default=3, help="passes of each batched decoder; the median counts")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="rounds: parts of the reference's way, and passes of each batched decoder (median)")
     args = parser.parse_args()
     keep_freed_memory(one_arena=True)  # as translate.py does
 
@@ -84,18 +91,31 @@ def main() -> int:
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"device {args.device}; {len(src)} sentences; {args.checkpoint}")
     print(f"{'decoding':<34} {'seconds':>8} {'sent/s':>8} {'tok/s':>8} {'speed-up':>9} {'BLEU':>6}  settings")
-    results, reference_seconds = {}, None
-    for name, cfg in setups:
-        t = Translator(base.model, base.tokenizer, cfg, base.device)
-        passes = [timed(t, sources) for _ in range(1 if reference_seconds is None else max(1, args.repeat))]
-        seconds, ids, generated = sorted(passes, key=lambda p: p[0])[len(passes) // 2]
+    translators = [(name, cfg, Translator(base.model, base.tokenizer, cfg, base.device)) for name, cfg in setups]
+    rounds = max(1, args.repeat)
+    passes: dict[str, list[tuple[float, list[list[int]], int]]] = {name: [] for name, _ in setups}
+    for r in range(rounds):
+        for n, (name, _, t) in enumerate(translators):
+            # Round r decodes part r of the sentences the reference's way (the first
+            # setup), and all of them with each of the others.
+            part = sources[r * len(sources) // rounds : (r + 1) * len(sources) // rounds] if n == 0 else sources
+            passes[name].append(timed(t, part))
+    results, reference_seconds = {}, 0.0
+    for n, (name, cfg, t) in enumerate(translators):
+        if n == 0:  # the reference's way: its parts add up to one pass
+            parts = passes[name]
+            seconds, ids, generated = sum(p[0] for p in parts), [i for p in parts for i in p[1]], sum(p[2] for p in parts)
+            reference_seconds = seconds
+        else:
+            seconds, ids, generated = sorted(passes[name], key=lambda p: p[0])[len(passes[name]) // 2]
         results[name] = ids
-        reference_seconds = reference_seconds or seconds  # the first setup is the reference's way
         bleu = score([t.detokenize(i) for i in ids], ref).bleu
         print(f"{name:<34} {seconds:8.1f} {len(src) / seconds:8.1f} {generated / seconds:8.0f} "
               f"{reference_seconds / seconds:8.1f}x {bleu:6.2f}  "
               f"{decoding_name(cfg)}, batch {cfg.batch_size} sentences / {cfg.batch_tokens} tokens, "
-              f"{t.workers} worker(s), {cfg.dtype or 'fp32'}; passes " + ", ".join(f"{p[0]:.2f}" for p in passes) + " s")
+              f"{t.workers} worker(s), {cfg.dtype or 'fp32'}; "
+              + ("parts " if n == 0 else "passes ")
+              + ", ".join(f"{p[0]:.2f}" for p in passes[name]) + " s")
     first = results[setups[0][0]]
     for name, _ in setups[1:]:
         if "greedy" in name:
