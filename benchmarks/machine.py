@@ -1,0 +1,75 @@
+"""What machine a benchmark ran on: every script prints this first.
+
+The development machines change CPU model between sessions (an AMD EPYC without AMX,
+an Intel Xeon with AMX, whose bf16 products run about 6x its fp32 ones), so absolute
+figures only compare within one run, and every figure needs its CPU named beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (``platform.processor()`` is often empty)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_features() -> list[str]:
+    """The matrix and vector extensions that decide which kernels torch and oneDNN pick."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return [f for f in wanted if f in flags]
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", n: int = 2048, repeats: int = 10) -> float:
+    """The best GFLOP/s of an n x n x n product over a few tries."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def describe(device: torch.device | str = "cpu", peaks: bool = True) -> dict[str, float]:
+    """Print the machine (CPU model, features, threads, torch, ISA overrides) and, with
+    ``peaks``, the fp32 and bf16 matmul peaks it measures now; returns the peaks."""
+    device = torch.device(device)
+    print(f"CPU: {cpu_model()} ({', '.join(cpu_features()) or 'no AVX2'}); {os.cpu_count()} CPUs, "
+          f"{torch.get_num_threads()} threads; torch {torch.__version__} "
+          f"(kernels: {torch.backends.cpu.get_cpu_capability()})")
+    forced = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+              if k in os.environ}
+    if forced:
+        print("forced: " + ", ".join(f"{k}={v}" for k, v in forced.items()))
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)}")
+    if not peaks:
+        return {}
+    result = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
+    print(f"matmul peak (2048^3): fp32 {result['fp32']:.0f} GFLOP/s, bf16 {result['bf16']:.0f} GFLOP/s "
+          f"(bf16/fp32 {result['bf16'] / result['fp32']:.1f}x)")
+    return result
