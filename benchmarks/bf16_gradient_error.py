@@ -27,11 +27,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import transformer.attention as attention_module  # noqa: E402
-from transformer.checkpoint import load_model  # noqa: E402
-from transformer.experiment import build_task  # noqa: E402
-from transformer.loss import LabelSmoothing  # noqa: E402
-from transformer.utils import autocast  # noqa: E402
+from machine import describe  # noqa: E402
+
+import transformer.model.attention as attention_module  # noqa: E402
+from transformer.fast.output_loss import output_layer_loss  # noqa: E402
+from transformer.runtime import autocast  # noqa: E402
+from transformer.tasks import build_task  # noqa: E402
+from transformer.training.checkpoint import load_model  # noqa: E402
+from transformer.training.loss import LabelSmoothing  # noqa: E402
 
 explicit_attention = attention_module.attention
 
@@ -57,7 +60,6 @@ def main() -> int:
     batches = task.valid_batches()[: args.batches]
     device = torch.device("cpu")
     model.eval()
-    proj = model.generator.proj
 
     def gradient(amp: str, sdpa: bool = False, attention_fp32: bool = False, output_fp32: bool = False):
         for module in model.modules():
@@ -73,9 +75,9 @@ def main() -> int:
                     real = b.tgt_out != crit.padding_idx
                     if output_fp32:
                         with torch.autocast(device.type, enabled=False):
-                            loss = crit.from_hidden(out[real].float(), proj, b.tgt_out[real])
+                            loss = output_layer_loss(crit, out[real].float(), model.generator, b.tgt_out[real])
                     else:
-                        loss = crit.from_hidden(out[real], proj, b.tgt_out[real])
+                        loss = output_layer_loss(crit, out[real], model.generator, b.tgt_out[real])
                 loss.backward()
                 total += loss.item()
         finally:
@@ -83,6 +85,7 @@ def main() -> int:
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return total, grads
 
+    describe(peaks=False)
     ref_loss, ref = gradient("none")
     names = [n for n in ref if not n.endswith("linears.1.bias")]
     norm = torch.sqrt(sum((ref[n] ** 2).sum() for n in names))

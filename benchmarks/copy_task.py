@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 from machine import describe  # noqa: E402
 
 from transformer.config import load_config  # noqa: E402
-from transformer.copy_task import random_sequences  # noqa: E402
-from transformer.experiment import run_training  # noqa: E402
-from transformer.translate import Translator  # noqa: E402
+from transformer.inference.translator import Translator  # noqa: E402
+from transformer.tasks.copy import random_sequences  # noqa: E402
+from transformer.training.run import run_training  # noqa: E402
 
 EVAL_SEED = 20261130  # the test sequences' own generator, apart from every training stream
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+from machine import describe  # noqa: E402
 
 
 def report(run_dir: Path, wall: float | None) -> None:
@@ -27,7 +28,7 @@ def report(run_dir: Path, wall: float | None) -> None:
     valid = [r for r in records if r["kind"] == "valid"]
     test = [r for r in records if r["kind"] == "test"]
     print(f"run: {run_dir}")
-    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}")
+    describe(peaks=False)
     if wall is not None:
         print(f"wall time of the command: {wall / 60:.1f} min")
     if epochs:

@@ -22,10 +22,8 @@ job halves the figures.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,26 +35,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transformer.batching import Batch  # noqa: E402
+from machine import describe  # noqa: E402
+
 from transformer.config import Config, load_config  # noqa: E402
-from transformer.flops import training_flops  # noqa: E402
-from transformer.utils import keep_freed_memory  # noqa: E402
+from transformer.data.batching import Batch  # noqa: E402
+from transformer.fast.flops import training_flops  # noqa: E402
+from transformer.fast.memory import keep_freed_memory  # noqa: E402
 
 WARMUP = 3  # steps run before the clock starts (1 for the base config: its steps are long)
-
-
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 10) -> float:
-    """The best GFLOP/s of an n x n x n product over a few tries."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
 
 
 def sync(device: torch.device) -> None:
@@ -85,10 +71,10 @@ def synthetic_batches(length: int, batch_tokens: int, vocab: int, n: int) -> lis
 
 def measure(spec: dict) -> dict:
     """Train ``spec['steps']`` timed steps (after the warm-up) in this process; return figures."""
-    from transformer.checkpoint import build_model
-    from transformer.experiment import build_task
-    from transformer.tokenize import tokenizer_from_state
-    from transformer.train import Trainer
+    from transformer.data.tokenizers import tokenizer_from_state
+    from transformer.tasks import build_task
+    from transformer.training.checkpoint import build_model
+    from transformer.training.trainer import Trainer
 
     keep_freed_memory()  # as train.py does
     cfg: Config = load_config(spec["config"], spec["overrides"])
@@ -140,13 +126,14 @@ def run_child(spec: dict) -> dict:
 
 def make_tokenizer(data_dir: str | None, path: Path) -> None:
     """Learn the default config's tokenizer once, for every measurement to share."""
-    from transformer.checkpoint import save_checkpoint
-    from transformer.translation_task import build_tokenizer, corpus_files
-    from transformer.data import read_parallel
+    from transformer.data.files import read_parallel
+    from transformer.data.tokenizers import learn_tokenizer
+    from transformer.tasks.translation import corpus_files
+    from transformer.training.checkpoint import save_checkpoint
 
     cfg = load_config(ROOT / "configs" / "multi30k.yaml", [f"data.dir={data_dir}"] if data_dir else [])
     train = read_parallel(*corpus_files(cfg.data)["train"])
-    save_checkpoint(path, {"tokenizer": build_tokenizer(cfg.data, train).state_dict()})
+    save_checkpoint(path, {"tokenizer": learn_tokenizer(cfg.data, train).state_dict()})
 
 
 def main() -> int:
@@ -169,10 +156,7 @@ def main() -> int:
     base_spec = {"device": args.device, "tokenizer": str(tok_path), "steps": steps}
     dev = [f"train.device={args.device}"]
 
-    print(f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
-    print(f"matmul peak (2048^3): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    peaks = describe(device)
 
     print(f"\n{'config':<22} {'amp':<5} {'tok/s':>7} {'MFLOP/tok':>9} {'GFLOP/s':>8} {'of peak':>8} "
           f"{'ms/step':>8} {'memory':>9}")

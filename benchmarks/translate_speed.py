@@ -29,20 +29,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transformer.data import read_lines, resolve_data_dir  # noqa: E402
-from transformer.evaluate import score  # noqa: E402
-from transformer.translate import Translator, decoding_name  # noqa: E402
-from transformer.utils import keep_freed_memory  # noqa: E402
+from machine import describe  # noqa: E402
+
+from transformer.data.files import read_lines  # noqa: E402
+from transformer.data.multi30k import resolve_data_dir  # noqa: E402
+from transformer.fast.memory import keep_freed_memory  # noqa: E402
+from transformer.inference.scoring import score  # noqa: E402
+from transformer.inference.translator import Translator, decoding_name  # noqa: E402
 
 
 def timed(translator: Translator, sources: list[list[int]]) -> tuple[float, list[list[int]], int]:
@@ -88,8 +88,8 @@ def main() -> int:
             (f"batched beam {args.beam_size}, {dtype}",
              dataclasses.replace(base.cfg, beam_size=args.beam_size, length_penalty=alpha, dtype=dtype)),
         ]
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"device {args.device}; {len(src)} sentences; {args.checkpoint}")
+    describe(args.device)
+    print(f"device {args.device}; {len(src)} sentences; {args.checkpoint}")
     print(f"{'decoding':<34} {'seconds':>8} {'sent/s':>8} {'tok/s':>8} {'speed-up':>9} {'BLEU':>6}  settings")
     translators = [(name, cfg, Translator(base.model, base.tokenizer, cfg, base.device)) for name, cfg in setups]
     rounds = max(1, args.repeat)

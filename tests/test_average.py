@@ -7,10 +7,18 @@ import pytest
 import torch
 from conftest import ROOT, run_cli
 
-from transformer.average import average_checkpoints, main, run_checkpoints
-from transformer.checkpoint import CheckpointError, build_model, load_checkpoint, load_model, save_checkpoint
+from transformer.average import main
 from transformer.config import Config, ModelConfig, to_dict
-from transformer.tokenize import IdTokenizer
+from transformer.data.tokenizers import IdTokenizer
+from transformer.training.checkpoint import (
+    CheckpointError,
+    average_checkpoints,
+    build_model,
+    load_checkpoint,
+    load_model,
+    run_checkpoints,
+    save_checkpoint,
+)
 
 MODEL = ModelConfig(N=1, d_model=32, d_ff=64, h=4, dropout=0.0, tie_embeddings=True)
 

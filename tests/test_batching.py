@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from transformer.batching import collate, token_batches
+from transformer.data.batching import collate, token_batches
 
 
 def lengths(n, seed=0):

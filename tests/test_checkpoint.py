@@ -3,8 +3,10 @@ import os
 import pytest
 import torch
 
-from transformer.batching import Batch, pad_sequences
-from transformer.checkpoint import (
+from transformer.config import Config, ModelConfig, to_dict
+from transformer.data.batching import Batch, pad_sequences
+from transformer.data.tokenizers import IdTokenizer
+from transformer.training.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
     atomic_write,
@@ -13,8 +15,6 @@ from transformer.checkpoint import (
     load_model,
     save_checkpoint,
 )
-from transformer.config import Config, ModelConfig, to_dict
-from transformer.tokenize import IdTokenizer
 
 MODEL = ModelConfig(N=1, d_model=32, d_ff=64, h=4, dropout=0.0, tie_embeddings=True)
 
@@ -33,7 +33,7 @@ def test_save_then_load_gives_identical_logits(tmp_path):
     path, model = saved(tmp_path)
     loaded, tok, cfg = load_model(path)
     assert cfg.model == MODEL and tok.vocab_size == 11
-    batch = Batch.make(pad_sequences([[3, 4, 5], [6, 7]], 0), pad_sequences([[1, 3, 4, 5], [1, 6, 7]], 0))
+    batch = Batch(pad_sequences([[3, 4, 5], [6, 7]], 0), pad_sequences([[1, 3, 4, 5], [1, 6, 7]], 0))
     model.eval()
     args = (batch.src, batch.tgt_in, batch.src_mask, batch.tgt_mask)
     assert torch.equal(model.generator(model(*args)), loaded.generator(loaded(*args)))

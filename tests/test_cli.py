@@ -6,7 +6,7 @@ import pytest
 from conftest import run_cli
 
 from transformer.config import load_config
-from transformer.translate import Translator
+from transformer.inference.translator import Translator
 
 TINY = ["--set", "model.N=1", "--set", "model.d_model=32", "--set", "model.d_ff=64", "--set", "model.h=4"]
 

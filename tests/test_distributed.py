@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import ROOT
 
-from transformer.checkpoint import load_checkpoint
 from transformer.config import load_config
-from transformer.experiment import run_training
+from transformer.training.checkpoint import load_checkpoint
+from transformer.training.run import run_training
 
 # The copy task, small; validation every 3 steps.
 SETTINGS = ["model.N=1", "model.d_model=32", "model.d_ff=64", "model.h=4", "data.copy.batch_size=16", "train.eval_every=3"]
@@ -24,7 +24,7 @@ LAUNCHER = textwrap.dedent("""
     import os, sys
     import torch
     from transformer.cli import train_main
-    from transformer.train import Trainer
+    from transformer.training.trainer import Trainer
 
     fit, train_step = Trainer.fit, Trainer.train_step
     stop_at = int(os.environ.get("STOP_AT", "0"))
@@ -36,8 +36,8 @@ LAUNCHER = textwrap.dedent("""
 
     def step_and_stop(self, *args, **kwargs):
         out = train_step(self, *args, **kwargs)
-        if self.step == stop_at and self.dist.rank == 1:
-            self.stop_requested = True
+        if self.state.step == stop_at and self.dist.rank == 1:
+            self.stopping.requested = True
         return out
 
     Trainer.fit, Trainer.train_step = fit_and_dump, step_and_stop
@@ -115,8 +115,8 @@ def test_two_processes_equal_one_accumulating_their_batches(tmp_path):
 
 def initial_weights():
     """The copy model's weights before training, as every run above starts from them."""
-    from transformer.checkpoint import build_model
-    from transformer.tokenize import IdTokenizer
+    from transformer.data.tokenizers import IdTokenizer
+    from transformer.training.checkpoint import build_model
 
     cfg = load_config(ROOT / "configs" / "copy.yaml", SETTINGS)
     torch.manual_seed(cfg.train.seed)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from transformer.dropout import LEVELS, Dropout, cpu_dropout
+from transformer.fast.dropout import LEVELS, Dropout, cpu_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5, 0.9])

@@ -12,22 +12,16 @@ import torch
 from conftest import ROOT
 from torch import nn
 
-from transformer.batching import padding_mask
-from transformer.checkpoint import build_model, save_checkpoint
 from transformer.config import Config, DecodeConfig, ModelConfig, to_dict
-from transformer.figures import (
-    FIGURES,
-    FigureError,
-    checkpoint_input,
-    dot_products,
-    main,
-    plot_training_curve,
-    read_metrics,
-    smoothing_penalty,
-)
+from transformer.data.batching import padding_mask
+from transformer.data.tokenizers import IdTokenizer
+from transformer.figures.article import dot_products, plot_training_curve, read_metrics, smoothing_penalty
+from transformer.figures.attention import checkpoint_input
+from transformer.figures.command import FIGURES, main
+from transformer.figures.drawing import FigureError
+from transformer.inference.translator import Translator
 from transformer.model import SublayerConnection, make_model
-from transformer.tokenize import IdTokenizer
-from transformer.translate import Translator
+from transformer.training.checkpoint import build_model, save_checkpoint
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

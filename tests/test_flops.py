@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from transformer.batching import Batch
 from transformer.config import ModelConfig
-from transformer.flops import forward_flops, training_flops
+from transformer.data.batching import Batch
+from transformer.fast.flops import forward_flops, training_flops
 from transformer.model import make_model
 
 CFG = ModelConfig(N=2, d_model=32, d_ff=48, h=4, dropout=0.0, attention="explicit")
@@ -21,7 +21,7 @@ def counted(batch_size, src_len, tgt_len, backward):
                        attention="explicit")
     src = torch.randint(3, VOCAB, (batch_size, src_len))
     tgt = torch.randint(3, VOCAB, (batch_size, tgt_len + 1))
-    batch = Batch.make(src, tgt, pad=0)
+    batch = Batch(src, tgt, pad=0)
     with FlopCounterMode(display=False) as counter:
         out = model.generator(model(batch.src, batch.tgt_in, batch.src_mask, batch.tgt_mask))
         if backward:

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformer.loss import LabelSmoothing
-from transformer.model import sinusoid_table
-from transformer.schedule import make_scheduler, rate
+from transformer.fast.output_loss import output_layer_loss
+from transformer.model import Generator, sinusoid_table
+from transformer.training.loss import LabelSmoothing
+from transformer.training.schedule import make_scheduler, rate
 
 # --------------------------------------------------------------------------- scaling
 
@@ -181,17 +182,17 @@ def test_label_smoothing_rejects_invalid_arguments(size, smoothing):
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("chunk", [3, 4, 100])
 def test_fused_output_loss_equals_kldiv_in_value_and_gradients(eps, chunk):
-    """from_hidden (output layer + loss, chunked, hand-written backward) == the KL form,
+    """output_layer_loss (output layer + loss, chunked, hand-written backward) == the KL form,
     in value and in the gradients of the states, the weight and the bias."""
     torch.manual_seed(0)
     crit = LabelSmoothing(9, 0, eps)
-    proj = nn.Linear(5, 9).double()
+    generator = Generator(5, 9).double()
     hidden = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 2, 3, 4])  # padding included
-    params = [hidden, proj.weight, proj.bias]
-    fused = crit.from_hidden(hidden, proj, target, chunk=chunk)
+    params = [hidden, generator.proj.weight, generator.proj.bias]
+    fused = output_layer_loss(crit, hidden, generator, target, chunk=chunk)
     fused_grads = torch.autograd.grad(1.7 * fused, params)
-    kl = nn.KLDivLoss(reduction="sum")(F.log_softmax(proj(hidden), -1), crit.smoothed_targets(target, torch.float64))
+    kl = nn.KLDivLoss(reduction="sum")(generator(hidden), crit.smoothed_targets(target, torch.float64))
     kl_grads = torch.autograd.grad(1.7 * kl, params)
     torch.testing.assert_close(fused, kl, rtol=1e-12, atol=1e-12)
     for a, b in zip(fused_grads, kl_grads):

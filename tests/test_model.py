@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from transformer.attention import MultiHeadedAttention, attention
-from transformer.batching import Batch, padding_mask, target_mask
-from transformer.checkpoint import build_model
 from transformer.config import ConfigError, ModelConfig
-from transformer.loss import LabelSmoothing
+from transformer.data.batching import Batch, padding_mask, target_mask
+from transformer.inference.search import greedy_decode
 from transformer.model import make_model
-from transformer.search import greedy_decode
+from transformer.model.attention import MultiHeadedAttention, attention
+from transformer.training.checkpoint import build_model
+from transformer.training.loss import LabelSmoothing
 
 V, PAD, BOS, EOS = 11, 0, 1, 2
 VARIANTS = [(n, a) for n in ("pre", "post") for a in ("sdpa", "explicit")]
@@ -252,7 +252,7 @@ def test_tied_embeddings_share_storage_through_training():
     before = model.generator.proj.weight.detach().clone()
     assert len({w.data_ptr() for w in weights()}) == 1
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    batch = Batch.make(*copy_batch())
+    batch = Batch(*copy_batch())
     out = model.generator(model(batch.src, batch.tgt_in, batch.src_mask, batch.tgt_mask))
     LabelSmoothing(V, PAD, 0.1)(out.reshape(-1, V), batch.tgt_out.reshape(-1)).backward()
     opt.step()
@@ -278,11 +278,11 @@ def test_build_model_rejects_tying_without_shared_vocab():
 
 
 def test_attention_dropout_follows_argument():
-    """make_model(dropout=0.3) gives every MultiHeadedAttention dropout_p == dropout.p == 0.3."""
+    """make_model(dropout=0.3) gives every MultiHeadedAttention's dropout p == 0.3."""
     model = tiny(dropout=0.3)
     heads = [m for m in model.modules() if isinstance(m, MultiHeadedAttention)]
     assert len(heads) == 6  # 2 encoder self, 2 decoder self, 2 decoder source
-    assert all(m.dropout_p == 0.3 and m.dropout.p == 0.3 for m in heads)
+    assert all(m.dropout.p == 0.3 for m in heads)
 
 
 def copy_batch(batch=16, length=8):
@@ -297,7 +297,7 @@ def test_norm_variants_have_right_final_norm_and_train(norm, final):
     torch.manual_seed(0)
     model = tiny(norm)
     assert type(model.encoder.norm) is final and type(model.decoder.norm) is final
-    batch = Batch.make(*copy_batch())
+    batch = Batch(*copy_batch())
     crit = LabelSmoothing(V, PAD, 0.0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.98))
     losses = []

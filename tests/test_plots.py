@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from transformer.attention import MultiHeadedAttention
+from transformer.figures.attention import attention_maps
 from transformer.model import make_model
-from transformer.plots import attention_maps, record_attention
+from transformer.model.attention import MultiHeadedAttention
 
 PAD = 0
 
@@ -22,28 +22,31 @@ def test_attention_maps_are_masked_distributions():
         torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
     # The decoder sees no future position.
     assert maps["decoder_self"].triu(diagonal=1).abs().max() == 0
-    # Recording is switched off again, and SDPA is used as before.
+    # The modules are left as they were: no hook, no weights kept.
     modules = [m for m in model.modules() if isinstance(m, MultiHeadedAttention)]
-    assert all(not m.keep_attention and m.attn is None for m in modules)
+    assert all(not m._forward_pre_hooks and not hasattr(m, "attn") for m in modules)
 
 
-def test_recording_does_not_change_the_output():
+@pytest.mark.parametrize("train", [False, True])
+def test_the_weights_are_those_the_module_attends_with(train):
+    """weights() @ V, through the output projection, is the module's own output
+    (whichever kernel computed it)."""
     torch.manual_seed(0)
-    model = make_model(11, 11, N=1, d_model=32, d_ff=64, h=4, dropout=0.0).eval()
-    src = torch.tensor([[5, 6, 7, 2]])
-    tgt = torch.tensor([[1, 4, 9]])
-    from transformer.batching import padding_mask, target_mask
-
-    plain = model(src, tgt, padding_mask(src, PAD), target_mask(tgt, PAD))
-    with record_attention(model):
-        recorded = model(src, tgt, padding_mask(src, PAD), target_mask(tgt, PAD))
-    torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=0)
+    m = MultiHeadedAttention(4, 32, dropout=0.0).double().train(train)
+    x, memory = torch.randn(3, 5, 32, dtype=torch.float64), torch.randn(3, 7, 32, dtype=torch.float64)
+    mask = torch.rand(3, 1, 7) > 0.3
+    mask[..., 0] = True
+    w = m.weights(x, memory, mask)  # (3, 4, 5, 7)
+    values = m.linears[2](memory).view(3, 7, 4, 8).transpose(1, 2)
+    expected = m.linears[3]((w @ values).transpose(1, 2).reshape(3, 5, 32))
+    torch.testing.assert_close(m(x, memory, memory, mask), expected, atol=1e-12, rtol=0)
+    assert (w.masked_select(~mask.unsqueeze(1).expand_as(w)) == 0).all()
 
 
 def test_missing_matplotlib_is_explained(monkeypatch):
     import builtins
 
-    from transformer import plots
+    from transformer.figures import drawing
 
     real_import = builtins.__import__
 
@@ -54,4 +57,4 @@ def test_missing_matplotlib_is_explained(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(ImportError, match=r"pip install -e \"\.\[plot\]\""):
-        plots.require_matplotlib()
+        drawing.require_matplotlib()

@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import ROOT, run_cli
 
-from transformer.checkpoint import load_checkpoint
 from transformer.config import load_config
-from transformer.experiment import resume_state, run_training, stop_on_signals
-from transformer.train import Trainer
+from transformer.training.checkpoint import load_checkpoint
+from transformer.training.run import resume_state, run_training, stop_on_signals
+from transformer.training.trainer import Trainer
 
 # The copy task, small; dropout on, so the random number generator's state matters too;
 # 12 steps over epochs of 5 batches, validating every 4 steps.
@@ -44,8 +44,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, stop_at):
 
     def stop_after(self, group):
         out = train_step(self, group)
-        if self.step == stop_at:
-            self.stop_requested = True  # what SIGINT does
+        if self.state.step == stop_at:
+            self.stopping.requested = True  # what SIGINT does
         return out
 
     monkeypatch.setattr(Trainer, "train_step", stop_after)
@@ -111,12 +111,12 @@ def test_a_signal_saves_and_stops_cleanly_then_resume_finishes(tmp_path, sig):
 def test_a_second_sigint_interrupts_at_once():
     """The first SIGINT only asks for a stop at the next step; the second raises at once;
     on leaving, the previous handlers are back."""
-    trainer = types.SimpleNamespace(stop_requested=False)
+    trainer = types.SimpleNamespace(stopping=types.SimpleNamespace(requested=False))
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         with stop_on_signals(trainer) as received:
             os.kill(os.getpid(), signal.SIGINT)
-            assert trainer.stop_requested and received == [signal.SIGINT]
+            assert trainer.stopping.requested and received == [signal.SIGINT]
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs between bytecodes; never reached
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

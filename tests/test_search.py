@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 
 import pytest
 import torch
 
-from transformer.batching import padding_mask
 from transformer.config import DecodeConfig
+from transformer.data.batching import padding_mask
+from transformer.fast.decoding import LogitBuffer, encode_in_pieces, logsumexp_rows
+from transformer.inference.search import beam_search, greedy_decode, length_penalty, rescore
+from transformer.inference.translator import Translator
 from transformer.model import make_model
-from transformer.search import _encode, beam_search, greedy_decode, length_penalty, rescore
-from transformer.translate import Translator
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -55,10 +55,23 @@ def test_encoding_a_few_rows_at_a_time_changes_nothing(tokens):
     m = model(seed=2)
     src, mask = source(lengths=(7, 4, 6, 2, 5), seed=2)  # by length: 2, 4, 5, 6, 7
     whole = m.encode(src, mask)
-    pieces = _encode(m, src, mask, tokens=tokens)
+    pieces = encode_in_pieces(m, src, mask, tokens=tokens)
     real = mask[:, 0].unsqueeze(-1).expand_as(whole)
     assert pieces.shape == whole.shape
     assert torch.allclose(pieces[real], whole[real], rtol=0, atol=1e-12)
+
+
+def test_beam_search_buffers_give_the_plain_results():
+    """The logits written into one reused buffer, and logsumexp a few rows at a time,
+    equal the plain calls."""
+    m = model(seed=3)
+    hidden = torch.randn(300, 32, dtype=torch.float64)
+    project = LogitBuffer(m, 300, torch.device("cpu"))
+    with torch.no_grad():  # as in beam search: writing into a buffer has no gradient
+        for rows in (300, 7):  # the buffer is reused by a smaller step
+            torch.testing.assert_close(project(hidden[:rows]), m.logits(hidden[:rows]), rtol=0, atol=1e-12)
+    logits = torch.randn(300, 11, dtype=torch.float64)
+    torch.testing.assert_close(logsumexp_rows(logits), logits.logsumexp(dim=1, keepdim=True), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])

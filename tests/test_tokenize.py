@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from transformer.tokenize import (
+from transformer.data.tokenizers import (
     IdTokenizer,
     SentencePieceTokenizer,
     SpacyTokenizer,
@@ -13,7 +13,7 @@ from transformer.tokenize import (
     spacy_words,
     tokenizer_from_state,
 )
-from transformer.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, Vocab
+from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, Vocab
 
 DE = {
     "det": ["Ein", "Der", "Die", "Das", "Eine"],

@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 
-from transformer.batching import Batch, pad_sequences
 from transformer.config import ConfigError, CopyTaskConfig, TrainConfig
-from transformer.copy_task import CopyTask, data_gen
+from transformer.data.batching import Batch, pad_sequences
 from transformer.model import make_model
-from transformer.schedule import rate
-from transformer.train import Trainer
+from transformer.tasks.copy import CopyTask, data_gen
+from transformer.training.schedule import rate
+from transformer.training.trainer import Trainer
 
 V = 11
 
@@ -20,7 +20,7 @@ def tiny_model(seed=0, dropout=0.0):
 
 def make_batch(seqs):
     """A copy batch (target = <s> + source) from lists of symbols."""
-    return Batch.make(pad_sequences(seqs, 0), pad_sequences([[1, *s] for s in seqs], 0), pad=0)
+    return Batch(pad_sequences(seqs, 0), pad_sequences([[1, *s] for s in seqs], 0), pad=0)
 
 
 def grads(model):
@@ -62,7 +62,7 @@ def test_schedule_steps_once_per_optimizer_step():
     trainer = Trainer(model, cfg, 0, torch.device("cpu"))
     batches = [make_batch([[3, 4, 5]]) for _ in range(7)]
     trainer.fit(lambda epoch: batches)
-    assert trainer.step == 3
+    assert trainer.state.step == 3
     assert trainer.scheduler.last_epoch == 3
     assert trainer.lr == pytest.approx(rate(3, 32, 1.0, 10))
 
@@ -72,7 +72,7 @@ def test_max_steps_bounds_the_run():
     trainer = Trainer(tiny_model(), cfg, 0, torch.device("cpu"))
     trainer.fit(lambda epoch: [make_batch([[3, 4]]) for _ in range(3)])
     # One epoch completed, and the second stopped after its first batch.
-    assert trainer.step == 4 and trainer.epoch == 1 and trainer.batch_in_epoch == 1
+    assert trainer.state.step == 4 and trainer.state.epoch == 1 and trainer.state.batch_in_epoch == 1
 
 
 def test_evaluate_runs_without_grad_and_restores_train_mode():
@@ -163,33 +163,39 @@ def test_data_gen_symbols_in_range():
 
 def test_max_minutes_bounds_the_run(monkeypatch):
     """With a clock that advances 10 s per reading, a 1-minute budget ends mid-epoch."""
-    import transformer.train as train_module
+    import transformer.training.state as state_module
 
     clock = iter(range(0, 10_000, 10))
-    monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(state_module.time, "perf_counter", lambda: next(clock))
     trainer = Trainer(tiny_model(), TrainConfig(epochs=100, max_minutes=1.0), 0, torch.device("cpu"))
     trainer.fit(lambda epoch: [make_batch([[3, 4]]) for _ in range(50)])
     # Still inside the first epoch: none completed, some of its batches trained on.
-    assert 1 <= trainer.step < 50 and trainer.epoch == 0 and trainer.batch_in_epoch == trainer.step
-    assert trainer.train_seconds >= 60
+    state = trainer.state
+    assert 1 <= state.step < 50 and state.epoch == 0 and state.batch_in_epoch == state.step
+    assert state.train_seconds >= 60
 
 
 def test_validate_every_n_steps_and_early_stop():
-    """validate runs every eval_every steps; returning True ends training there."""
-    seen = []
+    """The validator runs every eval_every steps; asking to stop ends training there."""
+    from transformer.training.callbacks import Validator
 
-    def validate(trainer):
-        seen.append(trainer.step)
-        return len(seen) == 3
+    class Counting(Validator):
+        def __init__(self):  # no task or run directory: __call__ only counts
+            self.seen = []
 
-    trainer = Trainer(tiny_model(), TrainConfig(epochs=100, eval_every=2), 0, torch.device("cpu"))
-    trainer.fit(lambda epoch: [make_batch([[3, 4]]) for _ in range(5)], validate)
-    assert seen == [2, 4, 6] and trainer.step == 6
+        def __call__(self, trainer):
+            self.seen.append(trainer.state.step)
+            return len(self.seen) == 3
+
+    validator = Counting()
+    trainer = Trainer(tiny_model(), TrainConfig(epochs=100, eval_every=2), 0, torch.device("cpu"), callbacks=[validator])
+    trainer.fit(lambda epoch: [make_batch([[3, 4]]) for _ in range(5)])
+    assert validator.seen == [2, 4, 6] and trainer.state.step == 6
 
 
 def test_run_dir_with_checkpoints_is_never_reused(tmp_path):
     from transformer.config import Config, TrainConfig
-    from transformer.experiment import new_run_dir
+    from transformer.training.run import new_run_dir
 
     cfg = Config(train=TrainConfig(run_dir=str(tmp_path / "run")))
     assert new_run_dir(cfg, "x") == tmp_path / "run"

@@ -9,10 +9,10 @@ import torch
 from conftest import ROOT, run_cli
 
 from transformer.config import ConfigError, load_config
-from transformer.data import DataError
-from transformer.experiment import run_training
-from transformer.translate import Translator
-from transformer.translation_task import TranslationTask
+from transformer.data.files import DataError
+from transformer.inference.translator import Translator
+from transformer.tasks.translation import TranslationTask
+from transformer.training.run import run_training
 
 MULTI30K = ROOT / "data" / "multi30k"
 needs_multi30k = pytest.mark.skipif(
@@ -105,7 +105,7 @@ def test_spacy_word_vocabularies_from_the_training_split(slices, tmp_path):
     # Built from the 600 training pairs only, keeping words seen at least twice.
     from collections import Counter
 
-    from transformer.tokenize import spacy_words
+    from transformer.data.tokenizers import spacy_words
 
     counts = Counter(w for line in Path(slices["train"][0]).read_text(encoding="utf-8").splitlines()
                      for w in spacy_words(line, "de"))
@@ -127,7 +127,7 @@ def test_batches_with_workers_equal_batches_without(slices):
     assert len(left) == len(right) > 1
     assert all(torch.equal(x.src, y.src) and torch.equal(x.tgt_out, y.tgt_out) for x, y in zip(left, right))
     # Every training pair appears once per epoch.
-    assert sum(x.size for x in left) == len(a.train_src)
+    assert sum(x.src.size(0) for x in left) == len(a.train_src)
 
 
 def test_bad_corpus_errors_name_the_file(tmp_path):
@@ -159,7 +159,7 @@ def test_fine_tuning_lowers_the_validation_loss_on_new_data(slices, tmp_path):
     folder = tmp_path / "new"
     folder.mkdir()
     train, valid = write_slice(folder, "train", 300, skip=5000), write_slice(folder, "val", 40, skip=500)
-    from transformer.experiment import finetune_config
+    from transformer.training.run import finetune_config
 
     cfg, _ = finetune_config(ROOT / "configs" / "finetune.yaml", [
         f"data.train=[{train[0]}, {train[1]}]", f"data.valid=[{valid[0]}, {valid[1]}]", "data.batch_tokens=600",
@@ -179,10 +179,10 @@ def test_fine_tuning_lowers_the_validation_loss_on_new_data(slices, tmp_path):
 
 
 def test_fine_tuning_config_may_not_reshape_the_model(tmp_path):
-    from transformer.checkpoint import build_model, save_checkpoint
     from transformer.config import Config, ModelConfig, to_dict
-    from transformer.experiment import finetune_config
-    from transformer.tokenize import IdTokenizer
+    from transformer.data.tokenizers import IdTokenizer
+    from transformer.training.checkpoint import build_model, save_checkpoint
+    from transformer.training.run import finetune_config
 
     cfg = Config(model=ModelConfig(N=1, d_model=32, d_ff=64, h=4))
     model = build_model(cfg.model, IdTokenizer(11))

@@ -3,89 +3,19 @@
     python -m transformer.average RUN_DIR --last 3 -o RUN_DIR/avg.pt
     python -m transformer.average a.pt b.pt c.pt -o avg.pt
 
-The article's ``average(model, models)`` snippet, made to work: the parameters of
-checkpoints of the same model (same shapes, same vocabulary) are averaged one by one,
-and the result is a checkpoint that ``translate.py`` reads like any other. It holds no
-optimizer state: it is for translating (or for fine-tuning from), not for resuming.
+The article's ``average(model, models)`` snippet, made to work
+(``transformer.training.checkpoint.average_checkpoints``): the result is a checkpoint
+that ``translate.py`` reads like any other. It holds no optimizer state: it is for
+translating (or for fine-tuning from), not for resuming.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from transformer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-
-STEP_FILE = re.compile(r"step-(\d+)\.pt")
-
-
-def run_checkpoints(run_dir: Path, last: int) -> list[Path]:
-    """The newest ``last`` step-<N>.pt files of a run (see ``train.keep_checkpoints``), oldest first."""
-    found = sorted(
-        (int(m.group(1)), p) for p in Path(run_dir).glob("step-*.pt") if (m := STEP_FILE.fullmatch(p.name))
-    )
-    if len(found) < last:
-        raise CheckpointError(
-            f"{run_dir}: {len(found)} step-<N>.pt checkpoints, fewer than the {last} asked for "
-            "(train.keep_checkpoints sets how many a run keeps)"
-        )
-    return [p for _, p in found[-last:]]
-
-
-def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
-    """The state of the newest checkpoint, with its model weights replaced by the mean
-    of all of them (floating-point tensors; others must be equal and are kept).
-
-    Raises:
-        CheckpointError: naming the file, for an unreadable checkpoint or one whose
-            model (shapes, names, settings) or tokenizer differs from the first's.
-    """
-    if not paths:
-        raise CheckpointError("no checkpoints to average")
-    first_path = Path(paths[0])
-    first = load_checkpoint(first_path)
-    total = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
-    newest = first
-    for path in paths[1:]:
-        state = load_checkpoint(path)
-        if _shape_settings(state) != _shape_settings(first):
-            raise CheckpointError(f"{path}: its model settings differ from those of {first_path}")
-        if state["tokenizer"] != first["tokenizer"]:
-            raise CheckpointError(f"{path}: its tokenizer or vocabulary differs from that of {first_path}")
-        weights = state["model"]
-        if weights.keys() != total.keys():
-            raise CheckpointError(f"{path}: its parameters are not those of {first_path}")
-        for name, value in weights.items():
-            if value.shape != total[name].shape:
-                raise CheckpointError(
-                    f"{path}: parameter {name} has shape {tuple(value.shape)}, "
-                    f"{tuple(total[name].shape)} in {first_path}"
-                )
-            if value.is_floating_point():
-                total[name] += value.double()
-            elif not torch.equal(value, total[name]):
-                raise CheckpointError(f"{path}: {name} differs from {first_path} and cannot be averaged")
-        newest = state
-    model = {
-        name: (value / len(paths)).to(first["model"][name].dtype) if value.is_floating_point() else value
-        for name, value in total.items()
-    }
-    kept = ("config", "tokenizer", "step", "epoch")
-    return {
-        **{k: newest[k] for k in kept if k in newest},
-        "model": model,
-        "averaged_from": [str(p) for p in paths],
-    }
-
-
-def _shape_settings(state: dict[str, Any]) -> dict[str, Any]:
-    """The model settings that make two checkpoints different models (dropout does not)."""
-    return {k: v for k, v in state["config"].get("model", {}).items() if k != "dropout"}
+from transformer.training.checkpoint import CheckpointError, average_checkpoints, run_checkpoints, save_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from transformer.checkpoint import CheckpointError
-from transformer.config import ConfigError
+from transformer.config import ConfigError, check_nbest
+from transformer.training.checkpoint import CheckpointError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "multi30k.yaml"
 
@@ -47,9 +47,9 @@ def train_main(argv: list[str] | None = None) -> int:
         parser.error("--resume takes the run's own config; use --set to change train.* or decode.* fields")
 
     from transformer.config import load_config
-    from transformer.data import DataError
-    from transformer.experiment import finetune_config, resume_state, run_training
-    from transformer.utils import keep_freed_memory
+    from transformer.data.files import DataError
+    from transformer.fast.memory import keep_freed_memory
+    from transformer.training.run import finetune_config, resume_state, run_training
 
     keep_freed_memory()
     path = args.config if args.config is not None else DEFAULT_CONFIG
@@ -136,13 +136,12 @@ def translate_main(argv: list[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.beam_size is not None and args.nbest > args.beam_size:
-        parser.error(f"--nbest ({args.nbest}) must not exceed --beam-size ({args.beam_size})")
 
-    from transformer.data import DataError, iter_lines, read_lines
-    from transformer.evaluate import score
-    from transformer.translate import Translator
-    from transformer.utils import keep_freed_memory, setup_logging
+    from transformer.data.files import DataError, iter_lines, read_lines
+    from transformer.fast.memory import keep_freed_memory
+    from transformer.inference.scoring import score
+    from transformer.inference.translator import Translator
+    from transformer.runtime import setup_logging
 
     setup_logging()
     keep_freed_memory(one_arena=True)  # decoding worker threads share the main arena
@@ -154,12 +153,14 @@ def translate_main(argv: list[str] | None = None) -> int:
         overrides["max_len_a"], overrides["max_len_b"] = args.max_len
     try:
         if args.plot_attention is not None:
-            from transformer.plots import require_matplotlib
+            from transformer.figures.drawing import require_matplotlib
 
             require_matplotlib()
         translator = Translator.from_checkpoint(args.checkpoint, device=args.device, **overrides)
-        if args.nbest > translator.cfg.beam_size:
-            return _fail(f"--nbest ({args.nbest}) exceeds the beam size ({translator.cfg.beam_size}); set --beam-size")
+        try:
+            check_nbest(args.nbest, translator.cfg.beam_size)
+        except ConfigError as e:
+            return _fail(f"--nbest: {e}; set --beam-size")
         if args.sentences:
             lines = iter(args.sentences)
         elif args.input:
@@ -192,7 +193,7 @@ def _translate_stream(translator, lines, out, args, chunk: int) -> list[str]:
     each chunk's output in input order as soon as it is done; returns the best outputs."""
     from itertools import islice
 
-    from transformer.plots import plot_sentence
+    from transformer.figures.attention import plot_sentence
 
     best: list[str] = []
     first = 1

@@ -86,7 +86,8 @@ class TrainConfig:
     max_minutes: float | None = None  # stop after this much training time (wall clock)
     accum_steps: int = 1  # micro-batches per optimizer step (gradients are token-averaged)
     # torch.compile the training forward pass, with dynamic shapes (one compilation for
-    # every batch shape). On the 2-core CPU it was 6-10% slower than eager; for GPUs.
+    # every batch shape). Off: on the 2-core CPUs it is slower than eager
+    # (docs/performance.md); it is there for GPUs.
     compile: bool = False
     clip_grad_norm: float | None = None
     label_smoothing: float = 0.1
@@ -116,7 +117,7 @@ class DecodeConfig:
     batch_tokens: int = 8192  # source tokens (padding included) decoded together, at most
     cache: bool = True  # False: recompute the whole prefix at every step, as the reference
     # Weights and activations while decoding; None keeps the model's own (float32 after
-    # training). bf16 is 1.2-1.5x faster on a CPU with bf16 matmul units; fp16 needs CUDA.
+    # training). bf16 is faster on a CPU with bf16 matmul units; fp16 needs CUDA.
     dtype: Literal["fp32", "bf16", "fp16"] | None = None
     # Batches decoded at once, in threads that share the CPU's cores (the outputs are
     # the same); None: 2 on a CPU with two threads or more, else 1.
@@ -140,6 +141,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+def check_nbest(nbest: int, beam_size: int) -> None:
+    """An n-best list holds at most one hypothesis per beam (the one check of this rule)."""
+    if not 1 <= nbest <= beam_size:
+        raise ConfigError(f"nbest ({nbest}) must be between 1 and the beam size ({beam_size})")
 
 
 def _suggest(key: str, known: list[str]) -> str:
@@ -237,10 +244,10 @@ def _check(cfg: Config) -> None:
     for key, value in optional.items():
         if value is not None and value <= 0:
             raise ConfigError(f"'{key}' must be positive (or null), got {value}")
-    if cfg.decode.nbest > cfg.decode.beam_size:
-        raise ConfigError(
-            f"'decode.nbest' ({cfg.decode.nbest}) must not exceed decode.beam_size ({cfg.decode.beam_size})"
-        )
+    try:
+        check_nbest(cfg.decode.nbest, cfg.decode.beam_size)
+    except ConfigError as e:
+        raise ConfigError(f"'decode.nbest': {e}") from None
     if t.keep_checkpoints < 0:
         raise ConfigError(f"'train.keep_checkpoints' must be 0 or more, got {t.keep_checkpoints}")
     if cfg.data.workers < 0:

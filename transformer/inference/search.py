@@ -13,73 +13,60 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from transformer.batching import subsequent_mask, target_mask
-from transformer.model import EncoderDecoder
+from transformer.config import check_nbest
+from transformer.data.batching import subsequent_mask, target_mask
+from transformer.fast.decoding import LogitBuffer, encode_in_pieces, logsumexp_rows
+from transformer.model.architecture import EncoderDecoder
 
 
-def _encode(model: EncoderDecoder, src: Tensor, src_mask: Tensor, tokens: int = 2048) -> Tensor:
-    """``model.encode`` on the CPU a few rows at a time, each piece only as wide as its
-    longest sentence.
+class DecoderSteps:
+    """The decoder run one step at a time over the rows of a batch still decoding.
 
-    Sentences are encoded independently, so the result is the same at every real
-    position; padding, which the mask hides from the decoder, may hold other values
-    (zeros past a piece's width). Two things are saved on the CPU:
-
-    * memory: a piece has at most ``tokens`` padded tokens. A batch of 8,192 tokens has
-      feed-forward activations of 32 MiB each, and memory touched for the first time
-      costs page faults: in pieces of 2,048 tokens the first greedy pass over test2016
-      took 2.55 s instead of 2.75-3.1 s;
-    * padding: a batch is as wide as its longest sentence, but pieces cut from its rows
-      sorted by length are narrower. Over test2016 in batches of 256 that is 16,034
-      tokens encoded instead of 20,168.
-
-    Shape:
-        src (B, S), src_mask (B, 1, S) -> (B, S, d_model).
+    With ``use_cache`` each step feeds only the newest token and reuses the keys and
+    values of the earlier ones; without, it runs the decoder over the whole prefix, as
+    the reference does. Both give the same tokens.
     """
-    batch, width = src.shape
-    if src.device.type != "cpu" or batch == 0:
-        return model.encode(src, src_mask)
-    # Each row's width: up to its last real token (a row without any is left whole).
-    real = src_mask[:, 0]
-    widths = (width - real.flip(-1).int().argmax(-1)).tolist()
-    order = sorted(range(batch), key=widths.__getitem__)
-    memory = None
-    start = 0
-    while start < batch:
-        # The longest piece of rows (in order of width) within ``tokens``, one row at least.
-        end = start + 1
-        while end < batch and (end + 1 - start) * widths[order[end]] <= tokens:
-            end += 1
-        rows = torch.tensor(order[start:end], device=src.device)
-        w = widths[order[end - 1]]
-        piece = model.encode(src[rows, :w], src_mask[rows, :, :w])
-        if memory is None:
-            memory = piece.new_zeros(batch, width, piece.size(-1))
-        memory[rows, :w] = piece
-        start = end
-    return memory
+
+    def __init__(self, model: EncoderDecoder, src: Tensor, src_mask: Tensor, use_cache: bool = True):
+        self.model, self.src_mask = model, src_mask
+        self.memory = encode_in_pieces(model, src, src_mask)
+        self.cache = model.new_cache() if use_cache else None
+        self.rows = torch.arange(src.size(0), device=src.device)  # the batch's rows still in the decoder
+
+    def logits(self, ys: Tensor) -> Tensor:
+        """The next token's scores (in float32 at least) for the rows still in the decoder.
+
+        Shape: ys (B, t), every row's prefix -> (len(rows), V).
+        """
+        prefix = ys[self.rows]
+        if self.cache is not None:
+            out, self.cache = self.model.decode(self.memory, self.src_mask, prefix[:, -1:], None, self.cache)
+        else:
+            mask = subsequent_mask(prefix.size(1), device=prefix.device)
+            out = self.model.decode(self.memory, self.src_mask, prefix, mask)
+        # In float32: argmax over bf16 is slow on the CPU, and the cast keeps the order.
+        logits = self.model.logits(out[:, -1])
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def drop(self, done: Tensor) -> None:
+        """Rows that are ``done`` leave the decoder, so the rest decode faster. That copies
+        the cache, so it waits until a quarter of the rows still in it are done."""
+        ended = done[self.rows]
+        if 4 * int(ended.sum()) >= self.rows.numel():
+            keep = (~ended).nonzero().squeeze(1)
+            self.rows, self.memory, self.src_mask = self.rows[keep], self.memory[keep], self.src_mask[keep]
+            if self.cache is not None:
+                self.cache.reorder(keep)
 
 
 @torch.no_grad()
-def greedy_decode(
-    model: EncoderDecoder,
-    src: Tensor,
-    src_mask: Tensor,
-    max_len: int | Tensor,
-    start_symbol: int,
-    end_symbol: int | None = None,
-    pad: int = 0,
-    use_cache: bool = True,
-) -> Tensor:
+def greedy_decode(model: EncoderDecoder, src: Tensor, src_mask: Tensor, max_len: int | Tensor, start_symbol: int,
+                  end_symbol: int | None = None, pad: int = 0, use_cache: bool = True) -> Tensor:
     """Pick the most probable next token until every sentence has ended.
 
-    The whole batch is decoded at once. A sentence ends when it emits ``end_symbol`` or
-    has generated ``max_len`` tokens; after that it is padded with ``pad``. Ended
-    sentences leave the batch (a few at a time), and the loop stops when all have ended.
-
-    With ``use_cache`` each step feeds only the newest token and reuses the keys and
-    values of the earlier ones. Without it, every step runs the decoder over the whole
-    prefix, as the reference does; both give the same tokens.
+    The whole batch is decoded at once (``DecoderSteps``). A sentence ends when it
+    emits ``end_symbol`` or has generated its ``max_len`` tokens; after that it is
+    padded with ``pad``.
 
     Args:
         max_len: tokens to generate at most, after the start symbol: one number for the
@@ -88,47 +75,21 @@ def greedy_decode(
     Shape:
         src (B, S), src_mask (B, 1, S) -> (B, 1 + T), starting with ``start_symbol``.
     """
-    batch = src.size(0)
-    device = src.device
-    limits = torch.as_tensor(max_len, device=device).expand(batch)
-    width = int(limits.max())
-    memory = _encode(model, src, src_mask)
-    ys = torch.full((batch, 1 + width), pad, dtype=torch.long, device=device)
-    ys[:, 0] = start_symbol
-    rows = torch.arange(batch, device=device)  # the batch's rows still in the loop, as rows of ys
-    alive = torch.ones(batch, dtype=torch.bool, device=device)  # of those: not ended yet
-    prefix = ys[:, :1]  # their tokens so far (the whole prefix is needed without a cache)
-    cache = model.new_cache() if use_cache else None
-    steps = 0
-    for step in range(width):
-        if cache is not None:
-            out, cache = model.decode(memory, src_mask, prefix[:, -1:], None, cache)
-        else:
-            out = model.decode(memory, src_mask, prefix, subsequent_mask(prefix.size(1), device=device))
-        # The most probable word has the largest logit: no need to normalise. (In float32:
-        # argmax over bf16 is slow on the CPU, and the cast keeps the order.)
-        logits = model.generator.proj(out[:, -1])
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (b, V)
+    steps = DecoderSteps(model, src, src_mask, use_cache)
+    limits = torch.as_tensor(max_len, device=src.device).expand(src.size(0))
+    ys = torch.full((src.size(0), 1), start_symbol, dtype=torch.long, device=src.device)
+    done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
+    for step in range(1, int(limits.max()) + 1):
+        logits = steps.logits(ys)
         logits[:, pad] = -torch.inf  # padding is never a word
-        next_word = logits.argmax(dim=-1).masked_fill(~alive, pad)
-        ys[rows, step + 1] = next_word
-        prefix = torch.cat([prefix, next_word.unsqueeze(1)], dim=1)
-        steps = step + 1
-        alive &= limits[rows] > step + 1
-        if end_symbol is not None:
-            alive &= next_word != end_symbol
-        n_alive = int(alive.sum())
-        if n_alive == 0:
+        next_word = torch.full_like(ys[:, 0], pad)
+        next_word[steps.rows] = logits.argmax(dim=-1).masked_fill(done[steps.rows], pad)
+        ys = torch.cat([ys, next_word.unsqueeze(1)], dim=1)
+        done |= (limits <= step) | (next_word == (-1 if end_symbol is None else end_symbol))  # -1: no word ends
+        if done.all():
             break
-        # Ended sentences leave the batch, so the rest decode faster. That copies the
-        # cache, so it waits until a quarter of the rows have ended.
-        if 4 * (rows.numel() - n_alive) >= rows.numel():
-            keep = alive.nonzero().squeeze(1)
-            rows, prefix, alive = rows[keep], prefix[keep], alive[keep]
-            memory, src_mask = memory[keep], src_mask[keep]
-            if cache is not None:
-                cache.reorder(keep)
-    return ys[:, : 1 + steps]
+        steps.drop(done)
+    return ys
 
 
 def strip_hypothesis(ids: Tensor | list[int], end_symbol: int | None, pad: int) -> list[int]:
@@ -211,13 +172,12 @@ def beam_search(
     Shape:
         src (B, S), src_mask (B, 1, S).
     """
-    if beam_size < 1 or not 1 <= nbest <= beam_size:
-        raise ValueError(f"need 1 <= nbest ({nbest}) <= beam_size ({beam_size})")
+    check_nbest(nbest, beam_size)
     batch, k, device = src.size(0), beam_size, src.device
     limits = torch.as_tensor(max_len).expand(batch).tolist()
     # One row of encoder output per sentence, shared by its k hypotheses (rows g*k to
     # g*k + k - 1 of the decoder's batch): the attention handles the sharing.
-    memory = _encode(model, src, src_mask)  # (B, S, d_model)
+    memory = encode_in_pieces(model, src, src_mask)  # (B, S, d_model)
     tokens = torch.full((batch * k, 1), start_symbol, dtype=torch.long, device=device)
     # Every beam starts as the same prefix; only the first is live, or the first step
     # would fill the beam with copies of one extension.
@@ -226,11 +186,7 @@ def beam_search(
     active = list(range(batch))  # the sentence each group of k rows belongs to
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     cache = model.new_cache() if use_cache else None
-    # The logits of all rows (41 MB at 256 sentences x 5 beams x 8,000 words in float32)
-    # are more than glibc's malloc reuses: fresh memory, with page faults, at every step,
-    # unless they go into the same buffer every time (38.8 -> 32.5 ms for those 1,280 rows).
-    proj = model.generator.proj
-    logit_buffer = src.new_empty((batch * k, proj.out_features), dtype=proj.weight.dtype)
+    project = LogitBuffer(model, batch * k, device)
     step = 0
     while active:
         step += 1  # the length of the prefixes after this step, without the start symbol
@@ -238,14 +194,12 @@ def beam_search(
             out, cache = model.decode(memory, src_mask, tokens[:, -1:], None, cache)
         else:
             out = model.decode(memory, src_mask, tokens, subsequent_mask(tokens.size(1), device=device))
-        logits = _project(model, out[:, -1], logit_buffer)
+        logits = project(out[:, -1])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (b*k, V)
         # The best 2k extensions of a sentence are among the best 2k of each of its
         # rows, so only those are normalised (log_softmax = logits - logsumexp, over
         # the whole vocabulary as in training) and compared across the sentence's beams.
-        # A few rows at a time: logsumexp's temporary is then small enough to be reused
-        # from the heap instead of being freshly mapped (and page-faulted) at every step.
-        log_norm = torch.cat([part.logsumexp(dim=1, keepdim=True) for part in logits.split(128)])
+        log_norm = logsumexp_rows(logits)
         logits[:, pad] = -torch.inf  # padding is never a word
         b, vocab = len(active), logits.size(-1)
         width = min(2 * k, vocab)
@@ -306,18 +260,6 @@ def beam_search(
             cache.reorder(rows, static=False)
         active = [active[g] for g in going]
     return finished
-
-
-def _project(model: EncoderDecoder, hidden: Tensor, buffer: Tensor) -> Tensor:
-    """The generator's logits for ``hidden``, written into the first rows of ``buffer``.
-
-    Shape:
-        hidden (R, d_model), buffer (R' >= R, V) -> (R, V).
-    """
-    proj = model.generator.proj
-    if proj.bias is None or hidden.dtype != buffer.dtype or torch.is_autocast_enabled(hidden.device.type):
-        return proj(hidden)
-    return torch.addmm(proj.bias, hidden, proj.weight.t(), out=buffer[: hidden.size(0)])
 
 
 def _insert(kept: list[Hypothesis], hyp: Hypothesis, n: int) -> None:

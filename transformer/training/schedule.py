@@ -1,9 +1,21 @@
-"""The learning-rate schedule of "Attention Is All You Need" (the "Noam" schedule)."""
+"""The optimizer and the learning-rate schedule of "Attention Is All You Need" (the "Noam" schedule)."""
 
 from __future__ import annotations
 
+import torch
+from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+
+from transformer.config import TrainConfig
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam with the paper's betas and epsilon (from ``cfg``), and base lr 1: the
+    schedule's ``rate`` is the actual learning rate. The fused update is one kernel
+    over all parameters."""
+    return torch.optim.Adam(model.parameters(), lr=1.0, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                            weight_decay=cfg.weight_decay, fused=True)
 
 
 def rate(step: int, model_size: int, factor: float, warmup: int) -> float:

@@ -1,4 +1,4 @@
-"""Parallel text on disk: finding, downloading, checking and reading Multi30k.
+"""Multi30k on disk: finding, downloading and checking its files.
 
 Multi30k task 1 is six gzip files from the GitHub repository multi30k/dataset
 (``data/task1/raw/``). Every file is checked against its sha256, whether it was
@@ -12,20 +12,16 @@ fetched and checked without loading the model code.
 
 from __future__ import annotations
 
-import codecs
-import gzip
 import hashlib
 import http.client
 import logging
 import os
 import urllib.error
 import urllib.request
-import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from transformer.fileio import atomic_write
+from transformer.data.files import DataError, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +41,6 @@ MULTI30K_SHA256: dict[str, str] = {
 SPLITS = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
 
 _CHUNK = 1 << 16
-
-
-class DataError(RuntimeError):
-    """A data file that is missing, damaged or unreadable; the message names the file."""
 
 
 def resolve_data_dir(data_dir: str | None) -> Path:
@@ -205,106 +197,9 @@ def ensure_multi30k(data_dir: Path, download_missing: bool = True, base_url: str
     return data_dir
 
 
-def read_lines(path: Path) -> list[str]:
-    """Read a text file (gzip-compressed if its name ends in ``.gz``), one entry per line.
-
-    Lines are split on ``"\\n"`` only, so characters such as U+2028, U+0085 or form feed
-    stay inside their line (``str.splitlines`` would split there and misalign a
-    parallel corpus). Each line is ``.strip()``-ed: Multi30k's train.de has trailing
-    spaces, a tab and no-break spaces (U+00A0) at line ends; interior text is kept.
-    A UTF-8 byte-order mark at the start of the file is dropped.
-
-    Raises:
-        DataError: the file is missing or unreadable (also a damaged .gz), or is not
-            valid UTF-8 (the message gives the 1-based line number).
-    """
-    return list(iter_lines(path))
-
-
-def iter_lines(source: Path | BinaryIO, name: str | None = None) -> Iterator[str]:
-    """Yield the lines of a file, or of an open binary stream such as stdin, one by one.
-
-    The same rules and errors as ``read_lines``, which reads a whole file this way;
-    a stream is read as it arrives, so a pipe can be translated line by line.
-    ``name`` stands for the stream in error messages.
-    """
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        try:
-            f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-        except OSError as e:  # missing, a folder, no permission
-            raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
-        with f:
-            yield from _decode_lines(f, str(path))
-    else:
-        yield from _decode_lines(source, name or getattr(source, "name", "<stream>"))
-
-
-def _decode_lines(f: BinaryIO, name: str) -> Iterator[str]:
-    number = 0
-    try:
-        for number, raw in enumerate(f, 1):  # binary files split on b"\n" only
-            if number == 1:
-                raw = raw.removeprefix(codecs.BOM_UTF8)
-            try:
-                yield raw.decode("utf-8").strip()
-            except UnicodeDecodeError as e:
-                raise DataError(f"{name}, line {number}: not valid UTF-8 ({e.reason})") from None
-    except (OSError, EOFError, zlib.error) as e:  # unreadable, or a damaged .gz
-        raise DataError(f"{name}: cannot read after line {number} ({type(e).__name__}: {e})") from e
-
-
-def read_parallel(src_path: Path, tgt_path: Path) -> list[tuple[str, str]]:
-    """Read two line-aligned files into (source, target) pairs.
-
-    Raises:
-        DataError: a file cannot be read, or the two have different line counts.
-    """
-    src, tgt = read_lines(src_path), read_lines(tgt_path)
-    if len(src) != len(tgt):
-        raise DataError(
-            f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}; "
-            "line i of one must translate line i of the other"
-        )
-    return list(zip(src, tgt))
-
-
 def split_paths(data_dir: Path, split: str, src_lang: str = "de", tgt_lang: str = "en") -> tuple[Path, Path]:
     """The (source, target) Multi30k files of ``split`` ("train", "valid" or "test")."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     data_dir, stem = Path(data_dir), SPLITS[split]
     return data_dir / f"{stem}.{src_lang}.gz", data_dir / f"{stem}.{tgt_lang}.gz"
-
-
-def filter_training_pairs(src: list[list[int]], tgt: list[list[int]], max_len: int) -> tuple[list[int], dict[str, int]]:
-    """Indices of the training pairs to keep: neither side empty, none longer than ``max_len``.
-
-    Only training data is filtered; validation and test sets are scored in full.
-
-    Args:
-        src: token ids of each source sentence.
-        tgt: token ids of each target sentence, aligned with ``src``.
-        max_len: the most tokens allowed on either side.
-
-    Returns:
-        The kept indices in their original order, and how many pairs were dropped as
-        ``{"empty": n, "too_long": m}`` (an empty pair counts as empty only).
-    """
-    if len(src) != len(tgt):
-        raise ValueError(f"{len(src)} source but {len(tgt)} target sentences")
-    keep: list[int] = []
-    dropped = {"empty": 0, "too_long": 0}
-    for i, (s, t) in enumerate(zip(src, tgt)):
-        if not s or not t:
-            dropped["empty"] += 1
-        elif len(s) > max_len or len(t) > max_len:
-            dropped["too_long"] += 1
-        else:
-            keep.append(i)
-    if dropped["empty"] or dropped["too_long"]:
-        log.info(
-            "training pairs: kept %d of %d; dropped %d with an empty side and %d longer than %d tokens",
-            len(keep), len(src), dropped["empty"], dropped["too_long"], max_len,
-        )
-    return keep, dropped

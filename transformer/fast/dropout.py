@@ -1,10 +1,9 @@
 """Dropout with a cheaper random mask on the CPU.
 
 ``nn.Dropout`` on the CPU draws one Bernoulli sample per element from the Mersenne
-Twister generator: about 8 ns an element, a quarter of a training step of the default
-model. Here each 64-bit draw of the same generator gives four 16-bit numbers, and an
-element is kept when its number is at or above ``p``'s threshold; it costs about a
-third as much (the draws are the costly part). The drop probability is ``p`` rounded
+Twister generator, and those draws are a large part of a training step. Here each
+64-bit draw of the same generator gives four 16-bit numbers, and an element is kept
+when its number is at or above ``p``'s threshold: a quarter of the draws. The drop probability is ``p`` rounded
 to a multiple of 1/65536 (0.1 becomes 0.1000061), and kept elements are scaled by one
 over the keep probability actually used, so the output's expectation is the input.
 

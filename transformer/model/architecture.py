@@ -9,7 +9,11 @@ Differences from the reference code, each on purpose:
 * Attention dropout follows ``dropout`` (the reference always used 0.1).
 * Source, target and generator embeddings can be tied (``tie_embeddings=True``).
 * ``decode`` takes an optional cache for incremental decoding; the modules keep no
-  state between calls (see ``DecoderCache``).
+  state between calls (see ``transformer.model.cache``).
+* Dropout draws its mask more cheaply on the CPU (``transformer.fast.dropout``).
+* ``EncoderDecoder`` names its own sizes (``d_model``, ``max_positions``,
+  ``src_vocab``, ``tgt_vocab``) and gives the output layer's scores (``logits``), so
+  that no caller reaches into its modules by index.
 """
 
 from __future__ import annotations
@@ -17,15 +21,15 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transformer.attention import KVCache, MultiHeadedAttention
-from transformer.dropout import Dropout
+from transformer.fast.dropout import Dropout
+from transformer.model.attention import MultiHeadedAttention
+from transformer.model.cache import DecoderCache, LayerCache
 
 
 def clones(module: nn.Module, n: int) -> nn.ModuleList:
@@ -105,47 +109,6 @@ class Encoder(nn.Module):
         for layer in self.layers:
             x = layer(x, mask)
         return self.norm(x)
-
-
-@dataclass
-class LayerCache:
-    """One decoder layer's cache: its self-attention and its encoder-decoder attention."""
-
-    self_attn: KVCache = field(default_factory=KVCache)
-    src_attn: KVCache = field(default_factory=lambda: KVCache(static=True))
-
-
-@dataclass
-class DecoderCache:
-    """Everything incremental decoding keeps between steps, outside the model.
-
-    Attributes:
-        layers: one ``LayerCache`` per decoder layer.
-        length: how many target positions have been decoded so far; the next tokens
-            get positional encodings from this offset.
-    """
-
-    layers: list[LayerCache]
-    length: int = 0
-
-    @classmethod
-    def empty(cls, n_layers: int) -> "DecoderCache":
-        return cls(layers=[LayerCache() for _ in range(n_layers)])
-
-    def reorder(self, index: Tensor, static: Tensor | bool = True) -> None:
-        """Keep the batch rows ``index``, in that order (beam search reorders hypotheses).
-
-        ``static`` says what the encoder-decoder keys and values do: True, follow
-        ``index`` too; False, stay as they are (right when ``index`` only moves rows
-        among hypotheses of the same sentence, which share them); a tensor, keep those
-        rows of them instead (beam search keeps one row per sentence, see
-        ``MultiHeadedAttention``, and drops the sentences that are done).
-        """
-        static_index = index if static is True else static if isinstance(static, Tensor) else None
-        for layer in self.layers:
-            layer.self_attn.reorder(index)
-            if static_index is not None:
-                layer.src_attn.reorder(static_index)
 
 
 class DecoderLayer(nn.Module):
@@ -345,6 +308,29 @@ class EncoderDecoder(nn.Module):
     def new_cache(self) -> DecoderCache:
         """An empty cache for incremental decoding with this model."""
         return DecoderCache.empty(len(self.decoder.layers))
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The output layer's scores before the log-softmax (argmax and top-k need no more).
+
+        Shape: (..., d_model) -> (..., tgt_vocab)."""
+        return self.generator.proj(x)
+
+    @property
+    def d_model(self) -> int:
+        return self.src_embed[0].d_model
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the positional table covers."""
+        return self.src_embed[1].pe.size(1)
+
+    @property
+    def src_vocab(self) -> int:
+        return self.src_embed[0].lut.num_embeddings
+
+    @property
+    def tgt_vocab(self) -> int:
+        return self.generator.proj.out_features
 
 
 def make_model(

@@ -12,8 +12,10 @@ Three kinds:
 * ``SpacyTokenizer`` ("spacy"): the Annotated Transformer's way, spaCy's rule-based word
   tokenizers with one word vocabulary per language.
 
-The translation tokenizers share the special ids of ``transformer.vocab``: padding 0,
-``<s>`` 1, ``</s>`` 2, ``<unk>`` 3.
+The translation tokenizers share the special ids of ``transformer.data.vocab``:
+padding 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3. ``TOKENIZERS`` is the one registry of
+kinds: ``learn_tokenizer`` learns the kind ``data.tokenizer`` names, and
+``tokenizer_from_state`` rebuilds any kind from a checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
-from transformer.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, Vocab
+from transformer.config import ConfigError, DataConfig
+from transformer.data.vocab import BOS_ID, EOS_ID, PAD_ID, SPECIALS, UNK_ID, Vocab
 
 
 class Tokenizer(Protocol):
@@ -179,6 +182,12 @@ class SentencePieceTokenizer:
             raise ValueError(_explain_sentencepiece_error(str(e), vocab_size)) from e
         return cls(model.getvalue())
 
+    @classmethod
+    def learn(cls, pairs: Sequence[tuple[str, str]], cfg: DataConfig) -> "SentencePieceTokenizer":
+        """One joint model from both sides of the training pairs."""
+        text = [s for s, _ in pairs] + [t for _, t in pairs]
+        return cls.train(text, vocab_size=cfg.vocab_size, model_type=cfg.sp_model_type)
+
     def encode_src(self, text: str) -> list[int]:
         return self.sp.encode(text) + [self.eos_id]
 
@@ -296,6 +305,10 @@ class SpacyTokenizer:
             Vocab.build(src_words, min_freq), Vocab.build(tgt_words, min_freq), src_lang, tgt_lang, min_freq
         )
 
+    @classmethod
+    def learn(cls, pairs: Sequence[tuple[str, str]], cfg: DataConfig) -> "SpacyTokenizer":
+        return cls.build(pairs, min_freq=cfg.min_freq, src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang)
+
     def encode_src(self, text: str) -> list[int]:
         return self.src_vocab.encode(spacy_words(text, self.src_lang)) + [self.eos_id]
 
@@ -331,12 +344,20 @@ class SpacyTokenizer:
         )
 
 
-_KINDS = {cls.kind: cls for cls in (IdTokenizer, SentencePieceTokenizer, SpacyTokenizer)}
+TOKENIZERS = {cls.kind: cls for cls in (IdTokenizer, SentencePieceTokenizer, SpacyTokenizer)}
+
+
+def learn_tokenizer(cfg: DataConfig, pairs: Sequence[tuple[str, str]]) -> Tokenizer:
+    """Learn the kind of tokenizer ``data.tokenizer`` names from the training pairs only."""
+    try:
+        return TOKENIZERS[cfg.tokenizer].learn(pairs, cfg)
+    except ValueError as e:  # a vocabulary size or language the corpus cannot serve
+        raise ConfigError(f"'data.tokenizer' ({cfg.tokenizer}): {e}") from e
 
 
 def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
     """Rebuild a tokenizer from its ``state_dict``."""
     kind = state.get("kind") if isinstance(state, dict) else None
-    if kind not in _KINDS:
-        raise ValueError(f"unknown tokenizer kind {kind!r} (known: {', '.join(sorted(_KINDS))})")
-    return _KINDS[kind].from_state(state)
+    if kind not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer kind {kind!r} (known: {', '.join(sorted(TOKENIZERS))})")
+    return TOKENIZERS[kind].from_state(state)

@@ -9,7 +9,7 @@ Every mask in this package is a bool tensor in which True means "may attend"
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
 
 import torch
 from torch import Tensor
@@ -34,60 +34,34 @@ def target_mask(tgt: Tensor, pad: int) -> Tensor:
     return padding_mask(tgt, pad) & subsequent_mask(tgt.size(-1), device=tgt.device)
 
 
-@dataclass
 class Batch:
     """One batch of padded sentence pairs, with its masks.
 
     ``tgt`` as given starts with ``<s>``; the decoder reads ``tgt_in`` (all but the last
     token) and learns to predict ``tgt_out`` (all but the first), i.e. the next token
-    at every position. ``ntokens`` counts the non-padding target tokens and is a plain
-    int computed where the batch is built, so reading it never waits for a device.
+    at every position. ``ntokens`` counts the non-padding target tokens as a plain int,
+    computed where the batch is built, so reading it never waits for a device.
 
     Shape:
         src (B, S), src_mask (B, 1, S), tgt_in and tgt_out (B, T), tgt_mask (B, T, T).
     """
 
-    src: Tensor
-    src_mask: Tensor
-    tgt_in: Tensor | None = None
-    tgt_out: Tensor | None = None
-    tgt_mask: Tensor | None = None
-    ntokens: int = 0
-
-    @classmethod
-    def make(cls, src: Tensor, tgt: Tensor | None = None, pad: int = 0) -> "Batch":
-        """Build a batch (and its masks) from padded source and target ids."""
-        if tgt is None:
-            return cls(src=src, src_mask=padding_mask(src, pad))
-        tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
-        return cls(
-            src=src,
-            src_mask=padding_mask(src, pad),
-            tgt_in=tgt_in,
-            tgt_out=tgt_out,
-            tgt_mask=target_mask(tgt_in, pad),
-            ntokens=int((tgt_out != pad).sum()),
-        )
+    def __init__(self, src: Tensor, tgt: Tensor | None = None, pad: int = 0):
+        self.src, self.src_mask = src, padding_mask(src, pad)
+        self.tgt_in = self.tgt_out = self.tgt_mask = None
+        self.ntokens = 0
+        if tgt is not None:
+            self.tgt_in, self.tgt_out = tgt[:, :-1], tgt[:, 1:]
+            self.tgt_mask = target_mask(self.tgt_in, pad)
+            self.ntokens = int((self.tgt_out != pad).sum())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        """Move every tensor to ``device``."""
-
-        def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-
-        return Batch(
-            src=move(self.src),
-            src_mask=move(self.src_mask),
-            tgt_in=move(self.tgt_in),
-            tgt_out=move(self.tgt_out),
-            tgt_mask=move(self.tgt_mask),
-            ntokens=self.ntokens,
-        )
-
-    @property
-    def size(self) -> int:
-        """Number of sentence pairs."""
-        return self.src.size(0)
+        """The same batch with every tensor on ``device``."""
+        moved = copy.copy(self)
+        for name in ("src", "src_mask", "tgt_in", "tgt_out", "tgt_mask"):
+            if (t := getattr(self, name)) is not None:
+                setattr(moved, name, t.to(device, non_blocking=non_blocking))
+        return moved
 
 
 def pad_sequences(seqs: list[list[int]], pad: int) -> Tensor:
@@ -107,7 +81,7 @@ def seeded_generator(seed: int, stream: int) -> torch.Generator:
 
 def collate(src: list[list[int]], tgt: list[list[int]], pad: int) -> Batch:
     """Pad id lists of source and target (with ``<s>``/``</s>``) into a ``Batch``."""
-    return Batch.make(pad_sequences(src, pad), pad_sequences(tgt, pad), pad=pad)
+    return Batch(pad_sequences(src, pad), pad_sequences(tgt, pad), pad=pad)
 
 
 def token_batches(

@@ -1,4 +1,4 @@
-"""A parallel corpus (Multi30k by default) ready for training: files, tokenizer, batches."""
+"""Translation on a parallel corpus (Multi30k by default): files, tokenizer, batches, BLEU."""
 
 from __future__ import annotations
 
@@ -8,10 +8,15 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader, Dataset
 
-from transformer.batching import Batch, collate, seeded_generator, token_batches
 from transformer.config import Config, ConfigError, DataConfig
-from transformer.data import ensure_multi30k, filter_training_pairs, read_parallel, resolve_data_dir, split_paths
-from transformer.tokenize import SentencePieceTokenizer, SpacyTokenizer, Tokenizer
+from transformer.data.batching import Batch, collate, seeded_generator, token_batches
+from transformer.data.files import read_parallel
+from transformer.data.multi30k import ensure_multi30k, resolve_data_dir, split_paths
+from transformer.data.tokenizers import Tokenizer, learn_tokenizer
+from transformer.inference.scoring import score
+from transformer.inference.translator import Translator, decoding_name
+from transformer.model.architecture import EncoderDecoder
+from transformer.tasks import Score
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +40,37 @@ def corpus_files(cfg: DataConfig) -> dict[str, tuple[Path, Path] | None]:
     return files
 
 
-def build_tokenizer(cfg: DataConfig, pairs: list[tuple[str, str]]) -> Tokenizer:
-    """Learn the tokenizer from the training pairs only."""
-    try:
-        if cfg.tokenizer == "sentencepiece":
-            text = [s for s, _ in pairs] + [t for _, t in pairs]
-            return SentencePieceTokenizer.train(text, vocab_size=cfg.vocab_size, model_type=cfg.sp_model_type)
-        return SpacyTokenizer.build(pairs, min_freq=cfg.min_freq, src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang)
-    except ValueError as e:  # a vocabulary size or language the corpus cannot serve
-        raise ConfigError(f"'data.tokenizer' ({cfg.tokenizer}): {e}") from e
+def filter_training_pairs(src: list[list[int]], tgt: list[list[int]], max_len: int) -> tuple[list[int], dict[str, int]]:
+    """Indices of the training pairs to keep: neither side empty, none longer than ``max_len``.
+
+    Only training data is filtered; validation and test sets are scored in full.
+
+    Args:
+        src: token ids of each source sentence.
+        tgt: token ids of each target sentence, aligned with ``src``.
+        max_len: the most tokens allowed on either side.
+
+    Returns:
+        The kept indices in their original order, and how many pairs were dropped as
+        ``{"empty": n, "too_long": m}`` (an empty pair counts as empty only).
+    """
+    if len(src) != len(tgt):
+        raise ValueError(f"{len(src)} source but {len(tgt)} target sentences")
+    keep: list[int] = []
+    dropped = {"empty": 0, "too_long": 0}
+    for i, (s, t) in enumerate(zip(src, tgt)):
+        if not s or not t:
+            dropped["empty"] += 1
+        elif len(s) > max_len or len(t) > max_len:
+            dropped["too_long"] += 1
+        else:
+            keep.append(i)
+    if dropped["empty"] or dropped["too_long"]:
+        log.info(
+            "training pairs: kept %d of %d; dropped %d with an empty side and %d longer than %d tokens",
+            len(keep), len(src), dropped["empty"], dropped["too_long"], max_len,
+        )
+    return keep, dropped
 
 
 class _Collated(Dataset):
@@ -63,6 +90,9 @@ class _Collated(Dataset):
 class TranslationTask:
     """Training and validation batches, and the raw text to score, for one corpus.
 
+    The best model is the one with the best greedy BLEU on the validation text; at the
+    end of a run, ``best.pt`` translates the test text.
+
     Args:
         cfg: the whole config (data section, and train.seed for the batch order).
         tokenizer: reuse this one (e.g. from a checkpoint); else learn one on the
@@ -77,7 +107,7 @@ class TranslationTask:
         valid = read_parallel(*files["valid"])
         test = read_parallel(*files["test"]) if files["test"] is not None else []
         log.info("corpus: %d training, %d validation, %d test pairs", len(train), len(valid), len(test))
-        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.data, train)
+        self.tokenizer = tokenizer if tokenizer is not None else learn_tokenizer(cfg.data, train)
         tok = self.tokenizer
         src = [tok.encode_src(s) for s, _ in train]
         tgt = [tok.encode_tgt(t) for _, t in train]
@@ -115,6 +145,30 @@ class TranslationTask:
 
     def valid_batches(self) -> list[Batch]:
         return self._valid
+
+    def score(self, translator: Translator, valid_loss: float) -> Score:
+        """Greedy BLEU and chrF on the validation text."""
+        scores = score(translator.translate(self.valid_src), self.valid_ref)
+        text = f"BLEU {scores.bleu:.2f}, chrF {scores.chrf:.2f} (greedy)"
+        return Score(scores.bleu, {"bleu": scores.bleu, "chrf": scores.chrf}, text)
+
+    def finish(self, model: EncoderDecoder, run_dir: Path, metrics, n_demo: int) -> list[tuple[str, str]]:
+        """Score ``best.pt`` on the test set and write its translations beside it."""
+        if not self.test_src:
+            return []
+        device = str(next(model.parameters()).device)
+        translator = Translator.from_checkpoint(run_dir / "best.pt", device=device)
+        hypotheses = translator.translate(self.test_src)
+        (run_dir / "test.hyp.txt").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+        scores = score(hypotheses, self.test_ref)
+        decoding = decoding_name(translator.cfg)
+        metrics.write(kind="test", bleu=scores.bleu, chrf=scores.chrf, bleu_lc=scores.bleu_lc,
+                      signature=scores.bleu_signature, decoding=decoding)
+        log.info("test (best.pt, %s): %s", decoding, scores.summary())
+        demo = list(zip(self.test_src[:n_demo], hypotheses[:n_demo]))
+        for src, out in demo:
+            log.info("decode: %s -> %s", src, out)
+        return demo
 
 
 class _Lazy:

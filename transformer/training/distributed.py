@@ -22,9 +22,11 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from transformer.config import ConfigError
-from transformer.utils import resolve_device
+from transformer.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,15 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def wrap(self, model: nn.Module) -> DistributedDataParallel | None:
+        """``model`` in DDP, which all-reduces the gradients in the backward pass; None
+        for one process. Buffers are constants (the positional table): they are not
+        broadcast at every forward pass."""
+        if not self.enabled:
+            return None
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
 
     def sum(self, values: list[float]) -> list[float]:
         """Each value summed over all processes (one small all-reduce for the list)."""
@@ -157,11 +168,10 @@ def distributed(device_name: str) -> Iterator[Distributed]:
 def _wait_for_the_others(device: torch.device, seconds: float = 120.0) -> None:
     """Leave together: no process tears down its end of the group while another still works.
 
-    Without this, about one stopped-and-resumed test run in thirty saw process 1 abort
-    at exit ("terminate called without an active exception") after it had saved; the
-    likeliest cause is process 0 leaving first (with 130, which torchrun counts as a
-    failure) while process 1 was still closing its gloo connections. The wait on the CPU
-    is bounded, so a process whose peer died waits ``seconds`` at most.
+    A process that leaves first (rank 0 exits with 130 after a stop, which torchrun
+    counts as a failure) while another is still closing its gloo connections can make
+    that one abort at exit ("terminate called without an active exception"). The wait
+    on the CPU is bounded, so a process whose peer died waits ``seconds`` at most.
     """
     try:
         if device.type == "cpu":

@@ -12,13 +12,20 @@ from pathlib import Path
 
 import torch
 
-from transformer.batching import pad_sequences, padding_mask
-from transformer.checkpoint import load_model
-from transformer.config import DecodeConfig
-from transformer.model import EncoderDecoder
-from transformer.search import Hypothesis, beam_search, greedy_decode, length_penalty, rescore, strip_hypothesis
-from transformer.tokenize import Tokenizer
-from transformer.utils import DTYPES, resolve_device
+from transformer.config import DecodeConfig, check_nbest
+from transformer.data.batching import pad_sequences, padding_mask
+from transformer.data.tokenizers import Tokenizer
+from transformer.inference.search import (
+    Hypothesis,
+    beam_search,
+    greedy_decode,
+    length_penalty,
+    rescore,
+    strip_hypothesis,
+)
+from transformer.model.architecture import EncoderDecoder
+from transformer.runtime import DTYPES, resolve_device
+from transformer.training.checkpoint import load_model
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +54,10 @@ class Translator:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.device = device
-        self.max_positions = model.src_embed[1].pe.size(1)
+        self.max_positions = model.max_positions
         # Batches decoded at once (see ``search``): by default two on a CPU with two
-        # threads or more, which on the 2-core machine this was measured on is 10-25%
-        # faster than one batch at a time on both threads.
+        # threads or more, where two one-thread workers use the cores better than one
+        # batch on both (docs/performance.md).
         if cfg.workers is not None:
             self.workers = cfg.workers
         else:
@@ -94,8 +101,7 @@ class Translator:
         """
         cfg = self.cfg
         nbest = cfg.nbest if nbest is None else nbest
-        if not 1 <= nbest <= cfg.beam_size:
-            raise ValueError(f"nbest ({nbest}) must be between 1 and the beam size ({cfg.beam_size})")
+        check_nbest(nbest, cfg.beam_size)
         results: list[list[Hypothesis]] = [[Hypothesis([], math.nan, math.nan, 0)] for _ in sources]
         self.model.eval()
         # The biggest batches first: with several workers, none is then left with a long
@@ -115,11 +121,10 @@ class Translator:
         self, sources: Sequence[list[int]], batches: list[list[int]], nbest: int, scores: bool, workers: int
     ) -> list[list[list[Hypothesis]]]:
         """``_decode_batch`` for each batch, ``workers`` at once in threads, each on its
-        share of the threads.
+        share of the threads; the outputs are the same as one batch at a time.
 
-        One batch on two threads ran only 1.45x faster than on one here, so two
-        one-thread workers use two cores better; the outputs are the same as one batch
-        at a time.
+        A decoding step is a chain of small products that two threads speed up far less
+        than twice, so two one-thread workers use two cores better.
         """
         threads = torch.get_num_threads()
         share = (max(1, threads // workers),)
