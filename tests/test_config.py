@@ -36,6 +36,17 @@ def test_overrides_are_coerced_to_the_field_type():
     assert cfg.train.clip_grad_norm == 1.0
 
 
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-9 as a string; a number field takes it as the number, in a file
+    and in an override, while other text is still refused."""
+    path = tmp_path / "eps.yaml"
+    path.write_text("train:\n  adam_eps: 1e-9\n")
+    assert load_config(path).train.adam_eps == 1e-9
+    assert load_config(None, ["train.adam_eps=1e-6", "train.lr_factor=+2E1"]).train.lr_factor == 20.0
+    with pytest.raises(ConfigError, match="'train.adam_eps' must be a number"):
+        load_config(None, ["train.adam_eps=1e-"])
+
+
 @pytest.mark.parametrize(
     "override, key",
     [

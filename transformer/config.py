@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,9 @@ def check_nbest(nbest: int, beam_size: int) -> None:
         raise ConfigError(f"nbest ({nbest}) must be between 1 and the beam size ({beam_size})")
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _suggest(key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -193,6 +197,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"'{key}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-9 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{key}' must be a number, got {value!r}")
         return float(value)
