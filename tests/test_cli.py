@@ -73,26 +73,42 @@ def test_translate_errors_are_clear(tiny_run, tmp_path):
     assert result.returncode == 2 and "latin1.txt" in result.stderr and "UTF-8" in result.stderr
 
 
+def exact_share(outputs, sources):
+    assert len(outputs) == len(sources)
+    return sum(o == s for o, s in zip(outputs, sources)) / len(sources)
+
+
 @pytest.mark.slow
-def test_copy_task_end_to_end(tmp_path):
-    """configs/copy.yaml learns to copy: the run's own demo and translate.py copy exactly."""
+def test_copy_task_end_to_end(tmp_path, root):
+    """configs/copy.yaml learns to copy: fresh random sequences, of the config's length and
+    of every shorter one, come out exact through translate.py and from Python, cached and
+    uncached. The threshold is 99%; the config copies 1,000 of 1,000 for every seed and
+    precision measured (docs/performance.md), so the test does not hang on one lucky
+    sequence, nor on the CPU's kernels."""
+    import dataclasses
+    import re
+
+    import torch
+
+    from transformer.tasks.copy import random_sequences
+
     run_dir = tmp_path / "copy"
     result = run_cli("train.py", "--config", "configs/copy.yaml", "--set", f"train.run_dir={run_dir}")
     assert result.returncode == 0, result.stderr
-    assert "copied 5 of 5 sequences exactly" in result.stderr
+    demo = re.search(r"copied (\d+) of 5 sequences exactly", result.stderr)
+    assert demo and int(demo[1]) >= 4, result.stderr
+    task = load_config(root / "configs" / "copy.yaml").data.copy
+    g = torch.Generator().manual_seed(0)  # not a stream the training drew from
+    seqs = random_sequences(task, 1000, g) + random_sequences(dataclasses.replace(task, min_len=1), 500, g)
+    sources = [" ".join(map(str, s)) for s in seqs]
     ckpt = run_dir / "last.pt"
-    result = run_cli("translate.py", "--checkpoint", str(ckpt), "1 2 3 4 5 6 7 8 9 10")
+    (tmp_path / "in.txt").write_text("".join(s + "\n" for s in sources[:300]))
+    result = run_cli("translate.py", "--checkpoint", str(ckpt), "--input", str(tmp_path / "in.txt"))
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "1 2 3 4 5 6 7 8 9 10\n"
-    # From Python, on fresh random sequences of length 10 and shorter, cached and uncached.
-    import random
-
-    rng = random.Random(0)
-    sources = [" ".join(str(rng.randint(1, 10)) for _ in range(rng.choice([10, rng.randint(1, 10)])))
-               for _ in range(30)]
-    for cache in (True, False):
+    assert exact_share(result.stdout.splitlines(), sources[:300]) >= 0.99
+    for cache, n in ((True, len(sources)), (False, 300)):
         translator = Translator.from_checkpoint(ckpt, device="cpu", cache=cache)
-        assert translator.translate(sources) == sources
+        assert exact_share(translator.translate(sources[:n]), sources[:n]) >= 0.99, f"cache={cache}"
 
 
 def test_translate_nbest_lines(tiny_run):
