@@ -70,6 +70,6 @@ def describe(device: torch.device | str = "cpu", peaks: bool = True) -> dict[str
     if not peaks:
         return {}
     result = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
-    print(f"matmul peak (2048^3): fp32 {result['fp32']:.0f} GFLOP/s, bf16 {result['bf16']:.0f} GFLOP/s "
-          f"(bf16/fp32 {result['bf16'] / result['fp32']:.1f}x)")
+    print(f"matmul peak (2048^3): fp32 {result['fp32']:.3g} GFLOP/s, bf16 {result['bf16']:.3g} GFLOP/s "
+          f"(bf16/fp32 {result['bf16'] / result['fp32']:.2g}x)")
     return result
