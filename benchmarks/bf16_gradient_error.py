@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import itertools
 import sys
 from pathlib import Path
 
@@ -29,13 +31,15 @@ sys.path.insert(0, str(ROOT))
 
 from machine import describe  # noqa: E402
 
-import transformer.model.attention as attention_module  # noqa: E402
 from transformer.fast.output_loss import output_layer_loss  # noqa: E402
 from transformer.runtime import autocast  # noqa: E402
 from transformer.tasks import build_task  # noqa: E402
 from transformer.training.checkpoint import load_model  # noqa: E402
 from transformer.training.loss import LabelSmoothing  # noqa: E402
 
+# The module itself (the package exports a function of the same name): attend() looks
+# attention() up in it at every call, so replacing it there changes what attention runs.
+attention_module = importlib.import_module("transformer.model.attention")
 explicit_attention = attention_module.attention
 
 
@@ -57,7 +61,7 @@ def main() -> int:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=args.data_dir))
     task = build_task(cfg, tokenizer)
     crit = LabelSmoothing(tokenizer.tgt_vocab_size, tokenizer.pad_id, cfg.train.label_smoothing)
-    batches = task.valid_batches()[: args.batches]
+    batches = list(itertools.islice(task.valid_batches(), args.batches))
     device = torch.device("cpu")
     model.eval()
 

@@ -65,7 +65,7 @@ def synthetic_batches(length: int, batch_tokens: int, vocab: int, n: int) -> lis
         src = torch.randint(4, vocab, (rows, length), generator=g)
         tgt = torch.randint(4, vocab, (rows, length + 1), generator=g)
         tgt[:, 0] = 1
-        batches.append(Batch.make(src, tgt, pad=0))
+        batches.append(Batch(src, tgt, pad=0))
     return batches
 
 

@@ -1,0 +1,48 @@
+"""The benchmark scripts run against the package as it is: they import, and the ones that
+can be made small run to the end on a tiny model. Their figures are not checked here."""
+
+import importlib.util
+import sys
+
+import pytest
+from conftest import ROOT, run_cli
+
+from transformer.data.batching import Batch
+
+SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name != "machine.py")
+TINY = ["--set", "model.N=1", "--set", "model.d_model=32", "--set", "model.d_ff=64", "--set", "model.h=4"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_imports_and_describes_itself(script):
+    result = run_cli(f"benchmarks/{script}", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+
+
+def test_train_speed_builds_batches_of_the_length_asked():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("train_speed", ROOT / "benchmarks" / "train_speed.py")
+        train_speed = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(train_speed)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    batches = train_speed.synthetic_batches(16, 64, 50, 2)
+    assert len(batches) == 2 and all(isinstance(b, Batch) for b in batches)
+    assert all(b.src.shape == (4, 16) and b.tgt_out.shape == (4, 16) and b.ntokens == 64 for b in batches)
+
+
+def test_copy_benchmark_and_gradient_error_run_on_a_tiny_model(tmp_path):
+    result = run_cli("benchmarks/copy_task.py", "--seeds", "1", "--amp", "none", "--sequences", "20",
+                     *TINY, "--set", "train.max_steps=3")
+    assert result.returncode == 0, result.stderr
+    assert "CPU:" in result.stdout and "exact" in result.stdout
+
+    run_dir = tmp_path / "run"
+    result = run_cli("train.py", "--config", "configs/copy.yaml", *TINY,
+                     "--set", f"train.run_dir={run_dir}", "--set", "train.max_steps=3")
+    assert result.returncode == 0, result.stderr
+    result = run_cli("benchmarks/bf16_gradient_error.py", "--checkpoint", str(run_dir / "last.pt"), "--batches", "1")
+    assert result.returncode == 0, result.stderr
+    assert "attention in fp32" in result.stdout
