@@ -37,21 +37,37 @@ def cpu_features() -> list[str]:
     return [f for f in wanted if f in flags]
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", n: int = 2048, repeats: int = 10) -> float:
-    """The best GFLOP/s of an n x n x n product over a few tries."""
+def matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", n: int = 2048, repeats: int = 10,
+                budget_s: float = 3.0) -> tuple[float, int]:
+    """The best GFLOP/s of an n x n x n product over up to ``repeats`` tries, and the n used.
+
+    The tries stop once they have taken ``budget_s`` seconds (after two at least). Where one
+    product of size n would take longer than that (bf16 on a CPU without AVX-512 BF16 or
+    AMX is emulated at a few GFLOP/s: minutes for 2048), the product shrinks until it fits,
+    so that the figure costs seconds wherever it is taken.
+    """
     device = torch.device(device)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats):
+
+    def seconds(a: torch.Tensor, b: torch.Tensor) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+        return time.perf_counter() - start
+
+    probe = torch.randn(256, 256, device=device, dtype=dtype)
+    seconds(probe, probe)  # the first call pays for kernel selection
+    per_flop = seconds(probe, probe) / 256**3
+    while n > 256 and per_flop * n**3 > budget_s / 2:
+        n //= 2
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times: list[float] = []
+    while len(times) < repeats and (len(times) < 2 or sum(times) < budget_s):
+        times.append(seconds(a, b))
+    return 2 * n**3 / min(times) / 1e9, n
 
 
 def describe(device: torch.device | str = "cpu", peaks: bool = True) -> dict[str, float]:
@@ -69,7 +85,7 @@ def describe(device: torch.device | str = "cpu", peaks: bool = True) -> dict[str
         print(f"device: {torch.cuda.get_device_name(device)}")
     if not peaks:
         return {}
-    result = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
-    print(f"matmul peak (2048^3): fp32 {result['fp32']:.3g} GFLOP/s, bf16 {result['bf16']:.3g} GFLOP/s "
-          f"(bf16/fp32 {result['bf16'] / result['fp32']:.2g}x)")
-    return result
+    (fp32, n32), (bf16, n16) = matmul_peak(torch.float32, device), matmul_peak(torch.bfloat16, device)
+    print(f"matmul peak: fp32 {fp32:.3g} GFLOP/s ({n32}^3), bf16 {bf16:.3g} GFLOP/s ({n16}^3) "
+          f"(bf16/fp32 {bf16 / fp32:.2g}x)")
+    return {"fp32": fp32, "bf16": bf16}
