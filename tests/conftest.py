@@ -1,7 +1,18 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config):
+    # TEST_MATMUL_PRECISION=medium lets oneDNN compute float32 products in bf16 (as an AMX CPU
+    # may be told to), so that a run of the suite shows which tolerances hang on the kernels.
+    precision = os.environ.get("TEST_MATMUL_PRECISION")
+    if precision:
+        import torch
+
+        torch.set_float32_matmul_precision(precision)
 
 ROOT = Path(__file__).resolve().parent.parent
 
