@@ -88,7 +88,7 @@ class Trainer:
         # DDP all-reduces the gradients; self.model stays the plain module (checkpoints
         # hold no "module." prefix). Training steps call self.forward.
         self.ddp = self.dist.wrap(model)
-        self.forward = _compiled(self.ddp or model) if cfg.compile else (self.ddp or model)
+        self.forward = _compiled(self.ddp or model, device) if cfg.compile else (self.ddp or model)
         self.criterion = LabelSmoothing(model.tgt_vocab, pad_id, cfg.label_smoothing)
         self.optimizer = make_optimizer(model, cfg)
         self.scheduler = make_scheduler(self.optimizer, model.d_model, cfg.lr_factor, cfg.warmup)
@@ -302,11 +302,19 @@ class Trainer:
         set_rng_state(ranks[self.dist.rank] if len(ranks) == self.dist.world_size else ranks[0], self.device)
 
 
-def _compiled(forward: Callable) -> Callable:
+def _compiled(forward: Callable, device: torch.device) -> Callable:
     """``torch.compile`` with dynamic shapes: one compilation for every batch shape."""
     import torch._inductor.config as inductor_config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     # Dropout then draws from torch's generator as in eager mode, so a run is
     # reproducible from its seed and saved generator states (exact resume).
     inductor_config.fallback_random = True
+    if device.type == "cpu" and str(pick_vec_isa()) == "avx2":
+        # The AVX2 vector code torch 2.13's inductor writes (on a CPU without AVX-512, or
+        # under ATEN_CPU_CAPABILITY=avx2) computes this model's forward pass wrong with
+        # dynamic shapes (NaN and values of 1e13 where eager gives O(1)); its scalar code
+        # computes it right. tests/test_train.py compares compiled training with eager.
+        log.warning("train.compile: inductor's AVX2 vector code is wrong for this model; compiling scalar code")
+        inductor_config.cpp.simdlen = 1
     return torch.compile(forward, dynamic=True)
