@@ -105,14 +105,18 @@ def test_two_processes_equal_one_accumulating_their_batches(tmp_path):
     # One process accumulating 2 batches a step sees the same groups, and computes the same
     # numbers: on one thread, as each torchrun process (OMP_NUM_THREADS=1), the kernels are
     # the same, and the scalings DDP adds (x2 per process, /2 after the sum) are exact.
-    threads = torch.get_num_threads()
+    # float32 products at torch's default precision, as in the torchrun processes (whatever
+    # TEST_MATMUL_PRECISION set in this one).
+    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
     torch.set_num_threads(1)
+    torch.set_float32_matmul_precision("highest")
     try:
         single = run_training(load_config(ROOT / "configs" / "copy.yaml", [
             *SETTINGS, *common, "train.accum_steps=2", f"train.run_dir={tmp_path / 'single'}",
         ]))
     finally:
         torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(precision)
     one = load_checkpoint(single.run_dir / "last.pt")
     assert one["step"] == 6
     assert_same(one["model"], rank0)
