@@ -204,7 +204,8 @@ class Trainer:
         groups = chunks(islice(batches, self.state.batch_in_epoch, None), size)
         for group in groups:
             if self.dist.enabled and len(group) < size:  # no process may wait for a share the others lack
-                log.info("epoch %d: %d batches left out (fewer than %d, one step's)", self.state.epoch + 1, len(group), size)
+                log.info("epoch %d: %d batches left out (fewer than %d, one step's)",
+                         self.state.epoch + 1, len(group), size)
                 return True
             loss, ntokens = self._step(group)
             self.state.add(len(group), loss, ntokens)
