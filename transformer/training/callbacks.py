@@ -47,7 +47,7 @@ class ProgressBar(Callback):
         cfg, state = trainer.cfg, trainer.state
         self.bar = tqdm(total=steps, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", unit="step",
                         disable=None if trainer.dist.is_main else True, leave=False)
-        self.bar.update(state.batch_in_epoch // (cfg.accum_steps * trainer.dist.world_size))
+        self.bar.update(state.batch_in_epoch // trainer.group_size)
         self._reset(trainer)
 
     def _reset(self, trainer: Trainer) -> None:

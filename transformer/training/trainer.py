@@ -103,6 +103,11 @@ class Trainer:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    @property
+    def group_size(self) -> int:
+        """Micro-batches per optimizer step, over all processes."""
+        return self.cfg.accum_steps * self.dist.world_size
+
     def loss(self, batch: Batch, train: bool = False) -> Tensor:
         """The summed label-smoothed loss of one batch (already on the device).
 
@@ -200,7 +205,7 @@ class Trainer:
         """Train on this epoch's batches from ``state.batch_in_epoch`` on, until they run
         out or training is to stop; returns whether the epoch is over."""
         self.model.train()
-        size = self.cfg.accum_steps * self.dist.world_size  # micro-batches per optimizer step
+        size = self.group_size
         groups = chunks(islice(batches, self.state.batch_in_epoch, None), size)
         for group in groups:
             if self.dist.enabled and len(group) < size:  # no process may wait for a share the others lack
@@ -260,7 +265,7 @@ class Trainer:
     def _steps_in(self, batches: Iterable[Batch]) -> int | None:
         if not hasattr(batches, "__len__"):
             return None
-        size = self.cfg.accum_steps * self.dist.world_size
+        size = self.group_size
         return len(batches) // size if self.dist.enabled else math.ceil(len(batches) / size)
 
     def state_dict(self) -> dict[str, Any]:
