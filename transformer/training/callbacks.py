@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformer.config import Config, to_dict
 from transformer.inference.translator import Translator
 from transformer.tasks import Task
-from transformer.training.checkpoint import save_checkpoint
+from transformer.training.checkpoint import save_checkpoint, step_checkpoints
 from transformer.training.distributed import Distributed
 from transformer.training.trainer import Callback, EpochSummary, Trainer
 
@@ -98,8 +98,7 @@ class Checkpoints:
         save_checkpoint(self.run_dir / "last.pt", state)
         if step is not None and self.keep:
             save_checkpoint(self.run_dir / f"step-{step}.pt", state)
-            kept = sorted(self.run_dir.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-            for old in kept[: -self.keep]:
+            for old in step_checkpoints(self.run_dir)[: -self.keep]:
                 old.unlink()
         if best:
             save_checkpoint(self.run_dir / "best.pt", state)

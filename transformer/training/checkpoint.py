@@ -108,17 +108,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[En
 STEP_FILE = re.compile(r"step-(\d+)\.pt")
 
 
-def run_checkpoints(run_dir: Path, last: int) -> list[Path]:
-    """The newest ``last`` step-<N>.pt files of a run (see ``train.keep_checkpoints``), oldest first."""
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's step-<N>.pt files (see ``train.keep_checkpoints``), oldest first."""
     found = sorted(
         (int(m.group(1)), p) for p in Path(run_dir).glob("step-*.pt") if (m := STEP_FILE.fullmatch(p.name))
     )
+    return [p for _, p in found]
+
+
+def run_checkpoints(run_dir: Path, last: int) -> list[Path]:
+    """The newest ``last`` step-<N>.pt files of a run, oldest first."""
+    found = step_checkpoints(run_dir)
     if len(found) < last:
         raise CheckpointError(
             f"{run_dir}: {len(found)} step-<N>.pt checkpoints, fewer than the {last} asked for "
             "(train.keep_checkpoints sets how many a run keeps)"
         )
-    return [p for _, p in found[-last:]]
+    return found[-last:]
 
 
 def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
