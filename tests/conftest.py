@@ -35,3 +35,17 @@ def run_cli(script: str, *args: str, input: str | None = None, cwd: Path | None 
         cwd=cwd or ROOT,
         timeout=600,
     )
+
+
+# A model small enough to train a few steps in seconds, as train.py flags.
+TINY = ["--set", "model.N=1", "--set", "model.d_model=32", "--set", "model.d_ff=64", "--set", "model.h=4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A copy-task run of 3 steps by train.py: (its folder, the finished process)."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    result = run_cli("train.py", "--config", "configs/copy.yaml", *TINY,
+                     "--set", f"train.run_dir={run_dir}", "--set", "train.max_steps=3")
+    assert result.returncode == 0, result.stderr
+    return run_dir, result

@@ -5,12 +5,11 @@ import importlib.util
 import sys
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, TINY, run_cli
 
 from transformer.data.batching import Batch
 
 SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name != "machine.py")
-TINY = ["--set", "model.N=1", "--set", "model.d_model=32", "--set", "model.d_ff=64", "--set", "model.h=4"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -33,16 +32,13 @@ def test_train_speed_builds_batches_of_the_length_asked():
     assert all(b.src.shape == (4, 16) and b.tgt_out.shape == (4, 16) and b.ntokens == 64 for b in batches)
 
 
-def test_copy_benchmark_and_gradient_error_run_on_a_tiny_model(tmp_path):
+def test_copy_benchmark_and_gradient_error_run_on_a_tiny_model(tiny_run):
     result = run_cli("benchmarks/copy_task.py", "--seeds", "1", "--amp", "none", "--sequences", "20",
                      *TINY, "--set", "train.max_steps=3")
     assert result.returncode == 0, result.stderr
     assert "CPU:" in result.stdout and "exact" in result.stdout
 
-    run_dir = tmp_path / "run"
-    result = run_cli("train.py", "--config", "configs/copy.yaml", *TINY,
-                     "--set", f"train.run_dir={run_dir}", "--set", "train.max_steps=3")
-    assert result.returncode == 0, result.stderr
+    run_dir, _ = tiny_run
     result = run_cli("benchmarks/bf16_gradient_error.py", "--checkpoint", str(run_dir / "last.pt"), "--batches", "1")
     assert result.returncode == 0, result.stderr
     assert "attention in fp32" in result.stdout

@@ -3,22 +3,10 @@
 import json
 
 import pytest
-from conftest import run_cli
+from conftest import TINY, run_cli
 
 from transformer.config import load_config
 from transformer.inference.translator import Translator
-
-TINY = ["--set", "model.N=1", "--set", "model.d_model=32", "--set", "model.d_ff=64", "--set", "model.h=4"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    result = run_cli("train.py", "--config", "configs/copy.yaml", *TINY,
-                     "--set", f"train.run_dir={run_dir}", "--set", "train.max_steps=3")
-    assert result.returncode == 0, result.stderr
-    return run_dir, result
-
 
 def test_train_writes_its_run_directory(tiny_run, root):
     run_dir, result = tiny_run
