@@ -128,6 +128,19 @@ def chosen_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
     return list(layers)
 
 
+@dataclass(frozen=True)
+class AttentionInput:
+    """One sentence pair as a model sees it, with the token labels for the axes."""
+
+    model: EncoderDecoder
+    src_ids: list[int]
+    tgt_ids: list[int]  # <s> and then the translation, as the decoder reads it
+    src_labels: list[str]
+    tgt_labels: list[str]
+    pad: int
+    description: str  # for the titles: "trained: best.pt", "untrained tiny model, random weights", or ""
+
+
 def plot_attention_figures(
     source: AttentionInput, layers: Sequence[int] | None, out: Path, kinds: Sequence[str] = tuple(KINDS),
     prefix: str = "attention_",
@@ -161,23 +174,6 @@ def plot_sentence(
     source = AttentionInput(model, list(src_ids), tgt_ids, tokenizer.pieces(src_ids, "src"),
                             tokenizer.pieces(tgt_ids, "tgt"), tokenizer.pad_id, "")
     return plot_attention_figures(source, None, out_dir, prefix=f"{stem}-")
-
-
-@dataclass(frozen=True)
-class AttentionInput:
-    """One sentence pair as a model sees it, with the token labels for the axes."""
-
-    model: EncoderDecoder
-    src_ids: list[int]
-    tgt_ids: list[int]  # <s> and then the translation, as the decoder reads it
-    src_labels: list[str]
-    tgt_labels: list[str]
-    pad: int
-    description: str  # for the titles: "trained: best.pt", "untrained tiny model, random weights", or ""
-
-
-
-
 
 
 def _words(text: str) -> list[str]:

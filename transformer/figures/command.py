@@ -57,6 +57,7 @@ FIGURES = {
 # model, a longer warmup, and a narrower model.
 SCHEDULES = ((512, 1.0, 4000), (512, 1.0, 8000), (256, 1.0, 4000))
 
+
 @dataclass(frozen=True)
 class FigureOptions:
     """What ``make_figures`` draws, and from what.
@@ -164,7 +165,6 @@ def make_figures(options: FigureOptions) -> FigureReport:
     for name, why in skipped:
         log.warning("skipped %s.png: %s", name, why)
     return FigureReport(tuple(written), tuple(skipped))
-
 
 
 def main(argv: list[str] | None = None) -> int:
