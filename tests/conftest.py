@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def pytest_configure(config):
     # TEST_MATMUL_PRECISION=medium lets oneDNN compute float32 products in bf16 (as an AMX CPU
@@ -13,8 +15,6 @@ def pytest_configure(config):
         import torch
 
         torch.set_float32_matmul_precision(precision)
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture

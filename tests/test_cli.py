@@ -8,6 +8,7 @@ from conftest import TINY, run_cli
 from transformer.config import load_config
 from transformer.inference.translator import Translator
 
+
 def test_train_writes_its_run_directory(tiny_run, root):
     run_dir, result = tiny_run
     assert result.stdout.strip() == str(run_dir)
