@@ -37,6 +37,12 @@ def cpu_features() -> list[str]:
     return [f for f in wanted if f in flags]
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that timings are of work done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", n: int = 2048, repeats: int = 10,
                 budget_s: float = 3.0) -> tuple[float, int]:
     """The best GFLOP/s of an n x n x n product over up to ``repeats`` tries, and the n used.
@@ -49,12 +55,10 @@ def matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", n: int =
     device = torch.device(device)
 
     def seconds(a: torch.Tensor, b: torch.Tensor) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         start = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         return time.perf_counter() - start
 
     probe = torch.randn(256, 256, device=device, dtype=dtype)

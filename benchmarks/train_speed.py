@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from machine import describe  # noqa: E402
+from machine import describe, sync  # noqa: E402
 
 from transformer.config import Config, load_config  # noqa: E402
 from transformer.data.batching import Batch  # noqa: E402
@@ -43,11 +43,6 @@ from transformer.fast.flops import training_flops  # noqa: E402
 from transformer.fast.memory import keep_freed_memory  # noqa: E402
 
 WARMUP = 3  # steps run before the clock starts (1 for the base config: its steps are long)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_memory_mib(device: torch.device) -> float:
