@@ -8,6 +8,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config):
+    # Prepared corpora of the tests' runs (in this process and in the CLIs it starts) go
+    # to a folder of this session, not to the checkout's data/prepared.
+    import tempfile
+
+    os.environ["TRANSFORMER_PREPARED"] = tempfile.mkdtemp(prefix="prepared-")
     # TEST_MATMUL_PRECISION=medium lets oneDNN compute float32 products in bf16 (as an AMX CPU
     # may be told to), so that a run of the suite shows which tolerances hang on the kernels.
     precision = os.environ.get("TEST_MATMUL_PRECISION")
@@ -15,6 +20,12 @@ def pytest_configure(config):
         import torch
 
         torch.set_float32_matmul_precision(precision)
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    shutil.rmtree(os.environ.pop("TRANSFORMER_PREPARED", ""), ignore_errors=True)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 import transformer
 from transformer.data.files import DataError, read_lines, read_parallel
 from transformer.data.multi30k import MULTI30K_SHA256, SPLITS, download, ensure_multi30k, resolve_data_dir, split_paths
-from transformer.tasks.translation import filter_training_pairs
+from transformer.data.encode import filter_training_pairs
 
 REAL_DIR = Path(__file__).parent.parent / "data" / "multi30k"
 needs_real = pytest.mark.skipif(
@@ -288,18 +288,10 @@ def test_real_multi30k_files():
 # ---------------------------------------------------------------- filtering
 
 
-def test_filter_training_pairs(caplog):
+def test_filter_training_pairs():
     src = [[1, 2], [], [1] * 5, [3], [4, 5, 6], [7], [8] * 6]
     tgt = [[9], [1], [2], [1] * 6, [], [1] * 5, [2]]
-    with caplog.at_level(logging.INFO, logger="transformer.tasks.translation"):
-        keep, dropped = filter_training_pairs(src, tgt, max_len=5)
+    keep, dropped = filter_training_pairs([len(s) for s in src], [len(t) for t in tgt], max_len=5)
     assert keep == [0, 2, 5]
     assert dropped == {"empty": 2, "too_long": 2}
-    assert len(caplog.records) == 1 and "dropped" in caplog.records[0].getMessage()
-
-
-def test_filter_training_pairs_silent_when_nothing_dropped(caplog):
-    with caplog.at_level(logging.INFO, logger="transformer.tasks.translation"):
-        keep, dropped = filter_training_pairs([[1], [2, 3]], [[4], [5]], max_len=2)
-    assert keep == [0, 1] and dropped == {"empty": 0, "too_long": 0}
-    assert caplog.records == []
+    assert filter_training_pairs([1, 2], [1, 1], max_len=2) == ([0, 1], {"empty": 0, "too_long": 0})

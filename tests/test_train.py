@@ -61,7 +61,7 @@ def test_schedule_steps_once_per_optimizer_step():
     model = tiny_model()
     trainer = Trainer(model, cfg, 0, torch.device("cpu"))
     batches = [make_batch([[3, 4, 5]]) for _ in range(7)]
-    trainer.fit(lambda epoch: batches)
+    trainer.fit(lambda epoch, start: batches)
     assert trainer.state.step == 3
     assert trainer.scheduler.last_epoch == 3
     assert trainer.lr == pytest.approx(rate(3, 32, 1.0, 10))
@@ -70,7 +70,7 @@ def test_schedule_steps_once_per_optimizer_step():
 def test_max_steps_bounds_the_run():
     cfg = TrainConfig(epochs=100, max_steps=4)
     trainer = Trainer(tiny_model(), cfg, 0, torch.device("cpu"))
-    trainer.fit(lambda epoch: [make_batch([[3, 4]]) for _ in range(3)])
+    trainer.fit(lambda epoch, start: [make_batch([[3, 4]]) for _ in range(3)])
     # One epoch completed, and the second stopped after its first batch.
     assert trainer.state.step == 4 and trainer.state.epoch == 1 and trainer.state.batch_in_epoch == 1
 
@@ -168,7 +168,7 @@ def test_max_minutes_bounds_the_run(monkeypatch):
     clock = iter(range(0, 10_000, 10))
     monkeypatch.setattr(state_module.time, "perf_counter", lambda: next(clock))
     trainer = Trainer(tiny_model(), TrainConfig(epochs=100, max_minutes=1.0), 0, torch.device("cpu"))
-    trainer.fit(lambda epoch: [make_batch([[3, 4]]) for _ in range(50)])
+    trainer.fit(lambda epoch, start: [make_batch([[3, 4]]) for _ in range(50)])
     # Still inside the first epoch: none completed, some of its batches trained on.
     state = trainer.state
     assert 1 <= state.step < 50 and state.epoch == 0 and state.batch_in_epoch == state.step
@@ -189,7 +189,7 @@ def test_validate_every_n_steps_and_early_stop():
 
     validator = Counting()
     trainer = Trainer(tiny_model(), TrainConfig(epochs=100, eval_every=2), 0, torch.device("cpu"), callbacks=[validator])
-    trainer.fit(lambda epoch: [make_batch([[3, 4]]) for _ in range(5)])
+    trainer.fit(lambda epoch, start: [make_batch([[3, 4]]) for _ in range(5)])
     assert validator.seen == [2, 4, 6] and trainer.state.step == 6
 
 

@@ -127,7 +127,7 @@ def test_batches_with_workers_equal_batches_without(slices):
     assert len(left) == len(right) > 1
     assert all(torch.equal(x.src, y.src) and torch.equal(x.tgt_out, y.tgt_out) for x, y in zip(left, right))
     # Every training pair appears once per epoch.
-    assert sum(x.src.size(0) for x in left) == len(a.train_src)
+    assert sum(x.src.size(0) for x in left) == len(a.corpus.train)
 
 
 def test_bad_corpus_errors_name_the_file(tmp_path):

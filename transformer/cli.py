@@ -18,7 +18,7 @@ def _fail(message: str) -> int:
 
 
 # What may change when a run is resumed: how long and how it goes on, not what it is.
-RESUMABLE = ("train.", "decode.", "data.dir", "data.workers")
+RESUMABLE = ("train.", "decode.", "data.dir", "data.workers", "data.prepared", "data.prepare_workers")
 FIXED_ON_RESUME = ("train.seed", "train.run_dir", "train.runs_root")
 
 
@@ -84,6 +84,54 @@ def train_main(argv: list[str] | None = None) -> int:
     if result.interrupted is not None:
         print(f"stopped early; continue with: python train.py --resume {result.run_dir}", file=sys.stderr)
         return 128 + result.interrupted
+    return 0
+
+
+def prepare_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Prepare a corpus for training: learn the tokenizer and encode every split into memory-mapped "
+        "token-id files (train.py does this itself on first use; this command does it ahead, with progress bars).",
+    )
+    parser.add_argument(
+        "--config", type=Path, default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name} from configs/)"
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config field, e.g. --set data.prepared=DIR (repeatable)",
+    )
+    parser.add_argument("--data-dir", help="folder holding the Multi30k files (same as --set data.dir=...)")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the prepared corpus is up to date")
+    args = parser.parse_args(argv)
+
+    from transformer.config import load_config
+    from transformer.data.files import DataError
+    from transformer.data.prepare import ensure_prepared
+    from transformer.runtime import setup_logging
+    from transformer.tasks.translation import corpus_files
+
+    setup_logging()
+    overrides = list(args.overrides)
+    if args.data_dir is not None:
+        overrides.append(f"data.dir={args.data_dir}")
+    try:
+        cfg = load_config(args.config if args.config is not None else DEFAULT_CONFIG, overrides)
+        if cfg.data.task != "translation":
+            raise ConfigError(f"'data.task' is {cfg.data.task!r}: only a translation corpus is prepared")
+        files = corpus_files(cfg.data)
+        corpus = ensure_prepared(cfg.data, files, progress=True, force=args.force)
+    except (ConfigError, DataError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted; nothing half-written is left to be taken for a prepared corpus", file=sys.stderr)
+        return 130
+    manifest = corpus.manifest
+    disk = sum(manifest["files"].values())
+    tokens = sum(s["src_tokens"] + s["tgt_tokens"] for s in manifest["splits"].values())
+    for name, split in manifest["splits"].items():
+        print(f"{name}: {split['pairs']} pairs, {split['src_tokens']} source and {split['tgt_tokens']} target tokens",
+              file=sys.stderr)
+    print(f"{disk / 2**20:.1f} MiB on disk, {disk / max(tokens, 1):.2f} bytes per token", file=sys.stderr)
+    print(corpus.folder)
     return 0
 
 

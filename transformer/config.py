@@ -70,6 +70,11 @@ class DataConfig:
     sp_model_type: Literal["unigram", "bpe"] = "unigram"
     min_freq: int = 2  # spaCy word vocabularies keep words seen at least this often
     max_len: int = 100  # training pairs with more tokens (specials aside) on either side are dropped
+    # The prepared corpus (token ids on disk, made on first use and reused while its files
+    # and these settings stay the same); default: a folder per corpus under data/prepared.
+    prepared: str | None = None
+    tokenizer_sample: int = 500_000  # training pairs the tokenizer learns from (a seeded sample); 0: all
+    prepare_workers: int | None = None  # processes encoding the corpus; None: one per core
     batch_tokens: int = 4096  # padded tokens per batch (sentences × longest, either side)
     workers: int = 0  # DataLoader worker processes building batches
     copy: CopyTaskConfig = field(default_factory=CopyTaskConfig)
@@ -256,6 +261,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"'decode.nbest': {e}") from None
     if t.keep_checkpoints < 0:
         raise ConfigError(f"'train.keep_checkpoints' must be 0 or more, got {t.keep_checkpoints}")
+    if cfg.data.tokenizer_sample < 0:
+        raise ConfigError(f"'data.tokenizer_sample' must be 0 (all pairs) or more, got {cfg.data.tokenizer_sample}")
+    if cfg.data.prepare_workers is not None and cfg.data.prepare_workers < 1:
+        raise ConfigError(f"'data.prepare_workers' must be at least 1 (or null), got {cfg.data.prepare_workers}")
     if cfg.data.workers < 0:
         raise ConfigError(f"'data.workers' must be 0 or more, got {cfg.data.workers}")
     # A training sentence has up to data.max_len tokens plus <s> and </s>.

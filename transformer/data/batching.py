@@ -10,7 +10,9 @@ Every mask in this package is a bool tensor in which True means "may attend"
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -84,12 +86,33 @@ def collate(src: list[list[int]], tgt: list[list[int]], pad: int) -> Batch:
     return Batch(pad_sequences(src, pad), pad_sequences(tgt, pad), pad=pad)
 
 
-def token_batches(
-    src_lens: list[int],
-    tgt_lens: list[int],
+class BatchPlan:
+    """An epoch's batches as example indices: batch ``i`` is ``plan[i]``, an int64 array.
+
+    Held as two flat arrays (every example's index in batch order, and where each batch
+    starts), so a plan over millions of examples costs 8 bytes an example, not a Python
+    list each.
+    """
+
+    def __init__(self, order: np.ndarray, starts: np.ndarray):
+        self.order, self.starts = order, starts
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.order[self.starts[i]:self.starts[i + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+
+def plan_batches(
+    src_lens: Sequence[int] | np.ndarray,
+    tgt_lens: Sequence[int] | np.ndarray,
     max_tokens: int,
     generator: torch.Generator | None = None,
-) -> list[list[int]]:
+) -> BatchPlan:
     """Group example indices into batches that fit a token budget.
 
     Examples are sorted by length (source, then target), so that a batch holds
@@ -99,31 +122,51 @@ def token_batches(
     and the batches come out in random order (a new order per epoch when the
     generator is seeded per epoch); without one, the order is deterministic.
 
-    Every index appears in exactly one batch.
+    Every index appears in exactly one batch. Only the lengths are read, so the
+    examples themselves may stay on disk.
 
     Raises:
         ValueError: if a single example is longer than ``max_tokens``.
     """
-    n = len(src_lens)
-    if len(tgt_lens) != n:
-        raise ValueError(f"{n} source lengths but {len(tgt_lens)} target lengths")
-    start = torch.randperm(n, generator=generator).tolist() if generator is not None else range(n)
-    # Python's sort is stable: equal lengths keep the random order drawn above.
-    order = sorted(start, key=lambda i: (src_lens[i], tgt_lens[i]))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        size = max(src_lens[i], tgt_lens[i])
-        if size > max_tokens:
-            raise ValueError(f"example {i} has {size} tokens, more than the batch budget of {max_tokens}")
-        if current and (len(current) + 1) * max(longest, size) > max_tokens:
-            batches.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, size)
-    if current:
-        batches.append(current)
-    if generator is not None:
-        batches = [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
-    return batches
+    src = np.asarray(src_lens, dtype=np.int64)
+    tgt = np.asarray(tgt_lens, dtype=np.int64)
+    n = len(src)
+    if len(tgt) != n:
+        raise ValueError(f"{n} source lengths but {len(tgt)} target lengths")
+    start = torch.randperm(n, generator=generator).numpy() if generator is not None else np.arange(n)
+    # A stable sort: equal lengths keep the random order drawn above.
+    key = src[start] * (int(tgt.max(initial=0)) + 1) + tgt[start]
+    order = start[np.argsort(key, kind="stable")]
+    sizes = np.maximum(src, tgt)[order]
+    if n and sizes.max() > max_tokens:
+        worst = int(sizes.argmax())
+        raise ValueError(
+            f"example {int(order[worst])} has {int(sizes[worst])} tokens, more than the batch budget of {max_tokens}"
+        )
+    cuts = [0]
+    count = longest = 0
+    for k, size in enumerate(sizes.tolist()):  # lengths are small ints: Python's cached objects
+        widest = size if size > longest else longest
+        if count and (count + 1) * widest > max_tokens:
+            cuts.append(k)
+            count, widest = 0, size
+        count, longest = count + 1, widest
+    if n:
+        cuts.append(n)
+    starts = np.asarray(cuts, dtype=np.int64)
+    if generator is not None and len(starts) > 1:
+        shuffled = torch.randperm(len(starts) - 1, generator=generator).numpy()
+        sizes_of = np.diff(starts)[shuffled]
+        order = np.concatenate([order[starts[b]:starts[b + 1]] for b in shuffled])
+        starts = np.concatenate([[0], np.cumsum(sizes_of)])
+    return BatchPlan(order, starts)
+
+
+def token_batches(
+    src_lens: Sequence[int],
+    tgt_lens: Sequence[int],
+    max_tokens: int,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """``plan_batches`` as lists of indices (for small data and tests)."""
+    return [batch.tolist() for batch in plan_batches(src_lens, tgt_lens, max_tokens, generator)]

@@ -44,27 +44,47 @@ def iter_lines(source: Path | BinaryIO, name: str | None = None) -> Iterator[str
     ``name`` stands for the stream in error messages.
     """
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        try:
-            f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-        except OSError as e:  # missing, a folder, no permission
-            raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
-        with f:
-            yield from _decode_lines(f, str(path))
+        for number, raw in enumerate(iter_raw_lines(Path(source)), 1):
+            yield decode_line(raw, str(source), number)
     else:
         yield from _decode_lines(source, name or getattr(source, "name", "<stream>"))
 
 
 def _decode_lines(f: BinaryIO, name: str) -> Iterator[str]:
+    for number, raw in enumerate(_raw_lines(f, name), 1):
+        yield decode_line(raw, name, number)
+
+
+def decode_line(raw: bytes, name: str, number: int) -> str:
+    """One line's text, stripped, from its bytes (as ``iter_raw_lines`` yields them).
+
+    Raises:
+        DataError: the bytes are not valid UTF-8 (the message names ``name`` and ``number``).
+    """
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}, line {number}: not valid UTF-8 ({e.reason})") from None
+
+
+def iter_raw_lines(path: Path) -> Iterator[bytes]:
+    """The lines of a file (gzip-compressed if its name ends in ``.gz``) as bytes, not yet
+    decoded: for readers that decode them elsewhere (in worker processes) with
+    ``decode_line``. The byte-order mark is dropped and read errors raised as in ``iter_lines``."""
+    path = Path(path)
+    try:
+        f = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    with f:
+        yield from _raw_lines(f, str(path))
+
+
+def _raw_lines(f: BinaryIO, name: str) -> Iterator[bytes]:
     number = 0
     try:
         for number, raw in enumerate(f, 1):  # binary files split on b"\n" only
-            if number == 1:
-                raw = raw.removeprefix(codecs.BOM_UTF8)
-            try:
-                yield raw.decode("utf-8").strip()
-            except UnicodeDecodeError as e:
-                raise DataError(f"{name}, line {number}: not valid UTF-8 ({e.reason})") from None
+            yield raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw
     except (OSError, EOFError, zlib.error) as e:  # unreadable, or a damaged .gz
         raise DataError(f"{name}: cannot read after line {number} ({type(e).__name__}: {e})") from e
 

@@ -36,8 +36,9 @@ class Score:
 class Task(Protocol):
     tokenizer: Tokenizer
 
-    def train_batches(self, epoch: int) -> Iterable[Batch]:
-        """Epoch ``epoch``'s batches (0-based), the same every time it is asked for."""
+    def train_batches(self, epoch: int, start: int = 0) -> Iterable[Batch]:
+        """Epoch ``epoch``'s batches (0-based) from batch ``start`` on, the same every
+        time they are asked for."""
         ...
 
     def valid_batches(self) -> Iterable[Batch]: ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,9 @@ class CopyTask:
         self.decode = decode if decode is not None else DecodeConfig(beam_size=1, max_len_a=1.0, max_len_b=0)
         self.tokenizer = IdTokenizer(cfg.vocab_size)
 
-    def train_batches(self, epoch: int) -> Iterator[Batch]:
-        return data_gen(self.cfg, self.cfg.train_batches, seeded_generator(self.seed, epoch + 1))
+    def train_batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        batches = data_gen(self.cfg, self.cfg.train_batches, seeded_generator(self.seed, epoch + 1))
+        return islice(batches, start, None)  # drawn in order: the ones skipped are drawn too
 
     def valid_batches(self) -> Iterator[Batch]:
         return data_gen(self.cfg, self.cfg.valid_batches, seeded_generator(self.seed, 0))

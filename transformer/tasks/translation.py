@@ -6,13 +6,16 @@ import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from transformer.config import Config, ConfigError, DataConfig
-from transformer.data.batching import Batch, collate, seeded_generator, token_batches
+from transformer.data.batching import Batch, BatchPlan, plan_batches, seeded_generator
 from transformer.data.files import read_parallel
 from transformer.data.multi30k import ensure_multi30k, resolve_data_dir, split_paths
-from transformer.data.tokenizers import Tokenizer, learn_tokenizer
+from transformer.data.prepare import ensure_prepared
+from transformer.data.prepared import Split
+from transformer.data.tokenizers import Tokenizer
 from transformer.inference.scoring import score
 from transformer.inference.translator import Translator, decoding_name
 from transformer.model.architecture import EncoderDecoder
@@ -40,100 +43,57 @@ def corpus_files(cfg: DataConfig) -> dict[str, tuple[Path, Path] | None]:
     return files
 
 
-def filter_training_pairs(src: list[list[int]], tgt: list[list[int]], max_len: int) -> tuple[list[int], dict[str, int]]:
-    """Indices of the training pairs to keep: neither side empty, none longer than ``max_len``.
-
-    Only training data is filtered; validation and test sets are scored in full.
-
-    Args:
-        src: token ids of each source sentence.
-        tgt: token ids of each target sentence, aligned with ``src``.
-        max_len: the most tokens allowed on either side.
-
-    Returns:
-        The kept indices in their original order, and how many pairs were dropped as
-        ``{"empty": n, "too_long": m}`` (an empty pair counts as empty only).
-    """
-    if len(src) != len(tgt):
-        raise ValueError(f"{len(src)} source but {len(tgt)} target sentences")
-    keep: list[int] = []
-    dropped = {"empty": 0, "too_long": 0}
-    for i, (s, t) in enumerate(zip(src, tgt)):
-        if not s or not t:
-            dropped["empty"] += 1
-        elif len(s) > max_len or len(t) > max_len:
-            dropped["too_long"] += 1
-        else:
-            keep.append(i)
-    if dropped["empty"] or dropped["too_long"]:
-        log.info(
-            "training pairs: kept %d of %d; dropped %d with an empty side and %d longer than %d tokens",
-            len(keep), len(src), dropped["empty"], dropped["too_long"], max_len,
-        )
-    return keep, dropped
-
-
 class _Collated(Dataset):
-    """Batch i of an epoch's plan, collated (in a DataLoader worker when there are any)."""
+    """Batch i of a plan over a prepared split, gathered from its files (in a DataLoader
+    worker when there are any)."""
 
-    def __init__(self, src: list[list[int]], tgt: list[list[int]], plan: list[list[int]], pad: int):
-        self.src, self.tgt, self.plan, self.pad = src, tgt, plan, pad
+    def __init__(self, split: Split, plan: BatchPlan, start: int, pad: int):
+        self.split, self.plan, self.start, self.pad = split, plan, start, pad
 
     def __len__(self) -> int:
-        return len(self.plan)
+        return len(self.plan) - self.start
 
     def __getitem__(self, i: int) -> Batch:
-        index = self.plan[i]
-        return collate([self.src[j] for j in index], [self.tgt[j] for j in index], self.pad)
+        return self.split.batch(self.plan[self.start + i], self.pad)
 
 
 class TranslationTask:
     """Training and validation batches, and the raw text to score, for one corpus.
 
-    The best model is the one with the best greedy BLEU on the validation text; at the
-    end of a run, ``best.pt`` translates the test text.
+    The corpus is read through its prepared form (``transformer.data.prepare``): made on
+    first use, then reused. The best model is the one with the best greedy BLEU on the
+    validation text; at the end of a run, ``best.pt`` translates the test text.
 
     Args:
         cfg: the whole config (data section, and train.seed for the batch order).
-        tokenizer: reuse this one (e.g. from a checkpoint); else learn one on the
-            training split.
+        tokenizer: encode with this one (e.g. from a checkpoint); else the prepared
+            corpus's, learned on a sample of the training split.
     """
 
     def __init__(self, cfg: Config, tokenizer: Tokenizer | None = None):
         self.cfg = cfg.data
         self.seed = cfg.train.seed
         files = corpus_files(cfg.data)
-        train = read_parallel(*files["train"])
+        self.corpus = ensure_prepared(cfg.data, files, tokenizer)
+        self.tokenizer = self.corpus.tokenizer
+        # The text itself is read for scoring only: validation and test sets are small.
         valid = read_parallel(*files["valid"])
         test = read_parallel(*files["test"]) if files["test"] is not None else []
-        log.info("corpus: %d training, %d validation, %d test pairs", len(train), len(valid), len(test))
-        self.tokenizer = tokenizer if tokenizer is not None else learn_tokenizer(cfg.data, train)
-        tok = self.tokenizer
-        src = [tok.encode_src(s) for s, _ in train]
-        tgt = [tok.encode_tgt(t) for _, t in train]
-        # Lengths without </s> on the source and <s> ... </s> on the target.
-        keep, _ = filter_training_pairs([s[:-1] for s in src], [t[1:-1] for t in tgt], cfg.data.max_len)
-        self.train_src = [src[i] for i in keep]
-        self.train_tgt = [tgt[i] for i in keep]
         self.valid_src, self.valid_ref = [s for s, _ in valid], [t for _, t in valid]
         self.test_src, self.test_ref = [s for s, _ in test], [t for _, t in test]
-        valid_src = [tok.encode_src(s) for s in self.valid_src]
-        valid_tgt = [tok.encode_tgt(t) for t in self.valid_ref]
-        plan = token_batches([len(s) for s in valid_src], [len(t) for t in valid_tgt], self._budget(valid_src, valid_tgt))
-        self._valid = list(_Lazy(_Collated(valid_src, valid_tgt, plan, tok.pad_id)))
+        split = self.corpus.valid
+        # The budget widened for validation sentences longer than it (never dropped).
+        budget = max(self.cfg.batch_tokens, int(np.maximum(split.src_lengths, split.tgt_lengths).max(initial=0)))
+        plan = plan_batches(split.src_lengths, split.tgt_lengths, budget)
+        self._valid = list(_Lazy(_Collated(split, plan, 0, self.tokenizer.pad_id)))
 
-    def _budget(self, src: list[list[int]], tgt: list[list[int]]) -> int:
-        """The batch budget, widened for validation sentences longer than it (never dropped)."""
-        longest = max((max(len(s), len(t)) for s, t in zip(src, tgt)), default=0)
-        return max(self.cfg.batch_tokens, longest)
-
-    def train_batches(self, epoch: int) -> Iterable[Batch]:
-        """Epoch ``epoch``'s batches: a fresh shuffle, reproducible from the seed and epoch."""
-        generator = seeded_generator(self.seed, epoch + 1)
-        plan = token_batches(
-            [len(s) for s in self.train_src], [len(t) for t in self.train_tgt], self.cfg.batch_tokens, generator
-        )
-        dataset = _Collated(self.train_src, self.train_tgt, plan, self.tokenizer.pad_id)
+    def train_batches(self, epoch: int, start: int = 0) -> Iterable[Batch]:
+        """Epoch ``epoch``'s batches from batch ``start`` on: a fresh shuffle,
+        reproducible from the seed and epoch. Only the batches used are gathered."""
+        split = self.corpus.train
+        plan = plan_batches(split.src_lengths, split.tgt_lengths, self.cfg.batch_tokens,
+                            seeded_generator(self.seed, epoch + 1))
+        dataset = _Collated(split, plan, start, self.tokenizer.pad_id)
         if self.cfg.workers == 0:
             return _Lazy(dataset)
         # Its own generator: a DataLoader otherwise draws its workers' seed from the

@@ -202,11 +202,11 @@ class Trainer:
         return total.item() / max(ntokens, 1)
 
     def run_epoch(self, batches: Iterable[Batch]) -> bool:
-        """Train on this epoch's batches from ``state.batch_in_epoch`` on, until they run
-        out or training is to stop; returns whether the epoch is over."""
+        """Train on ``batches`` (this epoch's from ``state.batch_in_epoch`` on), until they
+        run out or training is to stop; returns whether the epoch is over."""
         self.model.train()
         size = self.group_size
-        groups = chunks(islice(batches, self.state.batch_in_epoch, None), size)
+        groups = chunks(batches, size)
         for group in groups:
             if self.dist.enabled and len(group) < size:  # no process may wait for a share the others lack
                 log.info("epoch %d: %d batches left out (fewer than %d, one step's)",
@@ -221,16 +221,17 @@ class Trainer:
                 return rest is None or (self.dist.enabled and len(rest) < size)
         return True
 
-    def fit(self, train_batches: Callable[[int], Iterable[Batch]]) -> list[EpochSummary]:
+    def fit(self, train_batches: Callable[[int, int], Iterable[Batch]]) -> list[EpochSummary]:
         """Train until ``Stopping`` says so.
 
         Args:
-            train_batches: epoch index (0-based) -> that epoch's batches.
+            train_batches: (epoch index (0-based), first batch) -> that epoch's batches
+                from that one on (after a resume, the batches before it were trained on).
         """
         summaries = []
         self.stopping.start(self.state)
         while not self.stopping.done(self.state):
-            batches = train_batches(self.state.epoch)
+            batches = train_batches(self.state.epoch, self.state.batch_in_epoch)
             tokens_before = self.state.epoch_tokens
             self._epoch_start, self._paused = time.perf_counter(), 0.0
             self._call("on_epoch_start", self._steps_in(batches))
@@ -265,8 +266,8 @@ class Trainer:
     def _steps_in(self, batches: Iterable[Batch]) -> int | None:
         if not hasattr(batches, "__len__"):
             return None
-        size = self.group_size
-        return len(batches) // size if self.dist.enabled else math.ceil(len(batches) / size)
+        size, total = self.group_size, self.state.batch_in_epoch + len(batches)
+        return total // size if self.dist.enabled else math.ceil(total / size)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly where training is now (plain values and
