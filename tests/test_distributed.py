@@ -168,3 +168,43 @@ def test_a_distributed_run_stopped_by_one_process_resumes_exactly(tmp_path):
     for rank in range(2):
         assert torch.equal(a["trainer"]["rng_ranks"][rank]["rng_cpu"], b["trainer"]["rng_ranks"][rank]["rng_cpu"])
     assert not torch.equal(a["trainer"]["rng_ranks"][0]["rng_cpu"], a["trainer"]["rng_ranks"][1]["rng_cpu"])
+
+
+@pytest.mark.slow
+def test_two_processes_train_from_one_prepared_corpus_as_one_process_does(tmp_path):
+    """Translation: rank 0 prepares the corpus while rank 1 waits, both read the same
+    files, and the weights equal one process's that accumulates their batches and reuses
+    the prepared corpus as it is."""
+    from test_prepare import multi30k_pairs, write_corpus
+
+    pairs = multi30k_pairs("train", 600)
+    corpus = {"train": write_corpus(tmp_path, "train", pairs), "valid": write_corpus(tmp_path, "valid", pairs[:20])}
+    prepared = tmp_path / "prepared"
+    common = [
+        f"data.train=[{corpus['train'][0]}, {corpus['train'][1]}]", f"data.valid=[{corpus['valid'][0]}, "
+        f"{corpus['valid'][1]}]", "data.vocab_size=500", "data.batch_tokens=600", f"data.prepared={prepared}",
+        "model.N=1", "model.d_model=32", "model.d_ff=64", "model.h=4", "model.dropout=0", "decode.max_len_b=5",
+        "train.max_steps=4", "train.warmup=10", "train.lr_factor=1", "train.adam_eps=0.01",
+    ]
+    run = tmp_path / "ddp"
+    result = torchrun(tmp_path, tmp_path / "dump", "--config", "configs/multi30k.yaml",
+                      *[a for s in [*common, f"train.run_dir={run}"] for a in ("--set", s)])
+    assert result.returncode == 0, result.stderr
+    assert (run / "train.log").read_text().count("preparing ") == 1
+    built = (prepared / "manifest.json").read_text()
+    rank0 = weights(tmp_path / "dump" / "rank0.pt")
+    assert_same(rank0, weights(tmp_path / "dump" / "rank1.pt"))
+
+    threads, precision = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    torch.set_num_threads(1)
+    torch.set_float32_matmul_precision("highest")
+    try:
+        single = run_training(load_config(ROOT / "configs" / "multi30k.yaml",
+                                          [*common, "train.accum_steps=2", f"train.run_dir={tmp_path / 'one'}"]))
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(precision)
+    assert (prepared / "manifest.json").read_text() == built  # reused, not rebuilt
+    one = load_checkpoint(single.run_dir / "last.pt")
+    assert one["step"] == 4
+    assert_same(one["model"], rank0)

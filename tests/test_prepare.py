@@ -2,6 +2,7 @@
 never taken for finished when a prepare was cut short, and batches that cover it."""
 
 import gzip
+import json
 import logging
 import os
 import signal
@@ -247,3 +248,43 @@ def test_every_kept_pair_is_in_one_batch_per_epoch(corpus, tmp_path):
         assert len(rest) == len(batches) - 3
         assert all(torch.equal(a.src, b.src) and torch.equal(a.tgt_out, b.tgt_out) for a, b in zip(rest, batches[3:]))
     assert [b.src.tolist() for b in task.train_batches(0)] != [b.src.tolist() for b in task.train_batches(1)]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_resumed_translation_run_equals_the_uninterrupted_one(corpus, tmp_path, monkeypatch, workers):
+    """Stopped inside its first epoch and resumed, a run on the prepared corpus ends
+    with the same weights and validation losses (batches gathered here, or in a
+    DataLoader worker)."""
+    from transformer.training.checkpoint import load_checkpoint
+    from transformer.training.run import resume_state, run_training
+    from transformer.training.trainer import Trainer
+
+    def config(run_dir):
+        return load_config(None, overrides(corpus, tmp_path / "prepared", f"data.workers={workers}",
+                                           "model.N=1", "model.d_model=32", "model.d_ff=64", "model.h=4",
+                                           "model.dropout=0.2", "decode.max_len_b=5", "train.max_steps=8",
+                                           "train.eval_every=4", f"train.run_dir={run_dir}"))
+
+    whole = run_training(config(tmp_path / "whole"))
+    assert whole.epochs[0].step == 8 and not whole.epochs[0].complete  # all within the first epoch
+    train_step = Trainer.train_step
+
+    def stop_after_5(self, group):
+        out = train_step(self, group)
+        self.stopping.requested = self.state.step == 5
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", stop_after_5)
+    run_training(config(tmp_path / "cut"))
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    state = resume_state(tmp_path / "cut")
+    assert state["trainer"]["batch_in_epoch"] == 5
+    run_training(load_config(None, [], base=state["config"]), resume=(tmp_path / "cut", state))
+    a, b = load_checkpoint(tmp_path / "whole" / "last.pt"), load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert a["step"] == b["step"] == 8
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    valid = [line for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines() if '"valid"' in line]
+    resumed = [line for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines() if '"valid"' in line]
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]  # noqa: E731
+    assert strip(valid) == strip(resumed)
