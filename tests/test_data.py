@@ -7,7 +7,6 @@ files use data/multi30k in the checkout and are skipped when it is absent.
 import functools
 import gzip
 import hashlib
-import logging
 import shutil
 import socket
 import threading

@@ -71,7 +71,9 @@ def sample_pairs(src_path: Path, tgt_path: Path, k: int, progress: bool = False)
     return pairs, n
 
 
-def filter_training_pairs(src_lengths: list[int], tgt_lengths: list[int], max_len: int) -> tuple[list[int], dict[str, int]]:
+def filter_training_pairs(
+    src_lengths: list[int], tgt_lengths: list[int], max_len: int
+) -> tuple[list[int], dict[str, int]]:
     """Indices of the training pairs to keep: neither side empty, none longer than ``max_len``.
 
     Only training data is filtered; validation and test sets are scored in full.

@@ -86,7 +86,8 @@ def identity(cfg: DataConfig, files: CorpusFiles, tokenizer: Tokenizer | None) -
         settings.update({key: getattr(cfg, key) for key in TOKENIZER_SETTINGS[cfg.tokenizer]})
     learned = tokenizer is None
     digest = None if learned else tokenizer_digest(tokenizer.state_dict())
-    return {"format": FORMAT, "inputs": inputs, "settings": settings, "tokenizer": {"learned": learned, "sha256": digest}}
+    tokenizer_record = {"learned": learned, "sha256": digest}
+    return {"format": FORMAT, "inputs": inputs, "settings": settings, "tokenizer": tokenizer_record}
 
 
 def mismatch(manifest: dict[str, Any], want: dict[str, Any]) -> str | None:
@@ -112,8 +113,9 @@ def mismatch(manifest: dict[str, Any], want: dict[str, Any]) -> str | None:
     else:
         if manifest.get("tokenizer", {}).get("sha256") != want["tokenizer"]["sha256"]:
             return "its tokenizer is not the checkpoint's"
-        if manifest["settings"].get("max_len") != want["settings"]["max_len"]:
-            return f"'data.max_len' is {want['settings']['max_len']}, it was built with {manifest['settings'].get('max_len')}"
+        built, now = manifest["settings"].get("max_len"), want["settings"]["max_len"]
+        if built != now:
+            return f"'data.max_len' is {now}, it was built with {built}"
     return None
 
 
