@@ -206,6 +206,10 @@ class TreeMemory:
                 "processes": self.processes, "samples": self.samples}
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 'es' if word.endswith('s') else 's'}"
+
+
 def tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").replace("\r", "\n").splitlines()[-lines:])
@@ -327,7 +331,7 @@ def verdicts(results: dict[int, dict]) -> list[tuple[str, bool]]:
 
 
 def print_table(results: dict[int, dict], steps: int) -> None:
-    print(f"\n{'':>9} | {'prepare':^36} | {f'train, {steps} steps':^24} | {'resume':^24}")
+    print(f"\n{'':>9} | {'prepare':^34} | {f'train, {steps} steps':^23} | {f'resume, {steps} more':^23}".rstrip())
     print(f"{'pairs':>9} | {'s':>6} {'pairs/s':>8} {'peak MiB':>9} {'B/token':>8} | "
           f"{'1st s':>6} {'RSS MiB':>8} {'anon':>7} | {'1st s':>6} {'RSS MiB':>8} {'anon':>7}")
     for pairs in sorted(results):
@@ -335,6 +339,8 @@ def print_table(results: dict[int, dict], steps: int) -> None:
         runs = [f"{x['first_step_s']:6.2f} {x['peak_rss_mib']:8.0f} {x['peak_anon_mib']:7.0f}" for x in (t, r)]
         print(f"{pairs:>9,} | {p['seconds']:6.1f} {p['pairs_per_s']:8.0f} {p['peak_rss_mib']:9.0f} "
               f"{p['bytes_per_token']:8.2f} | {runs[0]} | {runs[1]}")
+    print("(s: wall seconds of the prepare; 1st s: start to the end of the first step; MiB: peaks of the process "
+          "tree, VmRSS and RssAnon)")
 
 
 def cleanup(workdir: Path, name: str) -> None:
@@ -387,7 +393,7 @@ def main() -> int:
         r["prepare"] = p = measure_prepare(config, corpora[n], valid, prepared, logs / f"prepare-{n}.log")
         print(f"{n:,} pairs: prepare {p['seconds']:.1f} s (build {p['build_seconds']:.1f} s), "
               f"{p['pairs_per_s']:,.0f} pairs/s, peak {p['peak_rss_mib']:.0f} MiB RSS ({p['peak_anon_mib']:.0f} anon, "
-              f"{p['processes']} processes), {p['disk_bytes'] / 2**20:.1f} MiB on disk, "
+              f"{plural(p['processes'], 'process')}), {p['disk_bytes'] / 2**20:.1f} MiB on disk, "
               f"{p['bytes_per_token']:.2f} B/token; {p['train']['pairs']:,} training pairs kept", flush=True)
         train_argv = ["--config", str(config),
                       "--set", f"data.train={json.dumps([str(p) for p in corpora[n]])}",
@@ -398,7 +404,7 @@ def main() -> int:
             r[kind] = t = measure_training(argv, args.steps, logs / f"{kind}-{n}.log")
             print(f"{n:,} pairs: {kind}: first step (step {t['first_step']}) at {t['first_step_s']:.2f} s, "
                   f"{t['s_per_step']:.2f} s/step after it, peak {t['peak_rss_mib']:.0f} MiB RSS "
-                  f"({t['peak_anon_mib']:.0f} anon, {t['processes']} processes) to step {t['last_step']}; "
+                  f"({t['peak_anon_mib']:.0f} anon, {plural(t['processes'], 'process')}) to step {t['last_step']}; "
                   f"stopped and saved in {t['stop_s']:.1f} s", flush=True)
         if not args.keep:
             cleanup(workdir, prepared.name)

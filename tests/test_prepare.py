@@ -288,3 +288,12 @@ def test_a_resumed_translation_run_equals_the_uninterrupted_one(corpus, tmp_path
     resumed = [line for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines() if '"valid"' in line]
     strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]  # noqa: E731
     assert strip(valid) == strip(resumed)
+
+
+def test_the_encoding_workers_need_no_torch():
+    """Workers started with "spawn" import the main module again (train.py, the prepare
+    command, or a console script that imports transformer.cli): none of them loads torch."""
+    code = ("import sys; sys.path.insert(0, '.'); import train, translate, transformer.cli, transformer.prepare, "
+            "transformer.data.encode; print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr

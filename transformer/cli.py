@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 from transformer.config import ConfigError, check_nbest
-from transformer.training.checkpoint import CheckpointError
+
+# Nothing here imports torch at the top: worker processes started with "spawn" (the corpus
+# encoders) import the main module again, and a console script's main module imports this one.
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "multi30k.yaml"
 
@@ -49,6 +51,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from transformer.config import load_config
     from transformer.data.files import DataError
     from transformer.fast.memory import keep_freed_memory
+    from transformer.training.checkpoint import CheckpointError
     from transformer.training.run import finetune_config, resume_state, run_training
 
     keep_freed_memory()
@@ -189,6 +192,7 @@ def translate_main(argv: list[str] | None = None) -> int:
     from transformer.fast.memory import keep_freed_memory
     from transformer.inference.scoring import score
     from transformer.inference.translator import Translator
+    from transformer.training.checkpoint import CheckpointError
     from transformer.runtime import setup_logging
 
     setup_logging()
