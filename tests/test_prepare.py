@@ -195,7 +195,13 @@ def test_a_folder_that_is_not_a_prepared_corpus_is_left_alone(corpus, tmp_path):
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "notes.txt").write_text("keep me")
-    with pytest.raises(DataError, match=r"mine holds files but no manifest.json"):
+    with pytest.raises(DataError, match=r"mine holds files but no prepared corpus's manifest.json"):
+        prepare(corpus, folder)
+    (folder / "manifest.json").write_text('{"name": "my own manifest"}')
+    with pytest.raises(DataError, match=r"mine holds files but no prepared corpus's manifest.json"):
+        prepare(corpus, folder)
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"manifest.json: not a prepared corpus's manifest \(line 1"):
         prepare(corpus, folder)
     assert (folder / "notes.txt").read_text() == "keep me"
 

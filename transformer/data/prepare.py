@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -123,8 +124,6 @@ def corpus_name(cfg: DataConfig, files: CorpusFiles) -> str:
     """A readable folder name for a corpus: its training file's folder and stem, the
     languages and tokenizer, and a hash of the input paths (two corpora never share a
     folder), e.g. ``multi30k.train.de-en.sentencepiece.1a2b3c4d``."""
-    import hashlib
-
     src = Path(files["train"][0]).resolve()
     stem = ".".join(part for part in (src.parent.name, src.name.split(".")[0]) if part) or "corpus"
     paths = "\n".join(str(Path(p).resolve()) for pair in files.values() if pair is not None for p in pair)
@@ -174,17 +173,15 @@ def _reason(folder: Path, want: dict[str, Any]) -> str | None:
         return "not prepared yet"
     if not folder.is_dir():
         raise DataError(f"'data.prepared': {folder} is a file, not a folder")
-    try:
-        manifest = read_manifest(folder)
-    except DataError as e:
-        return str(e)
-    if manifest is None:
-        if any(folder.iterdir()):
-            raise DataError(
-                f"'data.prepared': {folder} holds files but no {MANIFEST}, so it is not a prepared corpus; "
-                "it is left as it is: choose another folder, or empty this one"
-            )
+    # Only a folder that is surely a prepared corpus is ever replaced: nothing else is lost.
+    manifest = read_manifest(folder)
+    if manifest is None and not any(folder.iterdir()):
         return "the folder is empty"
+    if manifest is None or not {"format", "inputs", "files"} <= manifest.keys():
+        raise DataError(
+            f"'data.prepared': {folder} holds files but no prepared corpus's {MANIFEST}; it is left as it is: "
+            "choose another folder, or empty this one"
+        )
     return mismatch(manifest, want) or damaged(folder, manifest)
 
 
@@ -221,7 +218,8 @@ def build(
     """Build the prepared corpus of ``files`` into ``folder`` (replacing what is there);
     the caller holds the lock. See the module's description for the steps."""
     start = time.perf_counter()
-    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):  # left by a prepare that was killed
+    # Left by a prepare that was killed (no other one runs: the caller holds the lock).
+    for stale in [*folder.parent.glob(f".{folder.name}.tmp-*"), *folder.parent.glob(f".{folder.name}.old-*")]:
         log.info("removing %s, left by an unfinished prepare", stale)
         shutil.rmtree(stale, ignore_errors=True)
     staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
@@ -229,9 +227,12 @@ def build(
     try:
         if tokenizer is None:
             pairs, lines = sample_pairs(*files["train"], cfg.tokenizer_sample, progress)
-            log.info("learning the %s tokenizer from %d of %d training pairs", cfg.tokenizer, len(pairs), lines)
+            log.info("learning the %s tokenizer from %d of %d training pairs (sampled in %.1f s)", cfg.tokenizer,
+                     len(pairs), lines, time.perf_counter() - start)
+            learning = time.perf_counter()
             tokenizer = learn_tokenizer(cfg, pairs)
             del pairs
+            log.info("learned the tokenizer in %.1f s", time.perf_counter() - learning)
         state = tokenizer.state_dict()
         _save_tokenizer(staging / "tokenizer.pt", state)
         dtype = id_dtype(max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size))
@@ -239,7 +240,11 @@ def build(
         splits = {}
         for split, pair in files.items():
             if pair is not None:
+                encoding = time.perf_counter()
                 splits[split] = encode_split(split, pair, staging, state, dtype, cfg.max_len, workers, progress)
+                seconds = time.perf_counter() - encoding
+                log.info("encoded %s: %d pairs in %.1f s (%.0f pairs/s)", split, splits[split]["lines"], seconds,
+                         splits[split]["lines"] / max(seconds, 1e-9))
         sizes = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
         manifest = {**want, "tokenizer": {**want["tokenizer"], "sha256": tokenizer_digest(state)},
                     "dtype": dtype.name, "splits": splits, "files": sizes,
