@@ -1,0 +1,241 @@
+"""Requests that arrive together, decoded together: the server's one owner of the model.
+
+Request handlers ``submit`` source id lists with their decoding options and get a
+``concurrent.futures.Future``; decoding threads (``workers`` of them, each on its own
+share of the CPU threads, set once when it starts) take jobs from one queue. A thread
+that finds the queue non-empty waits until its oldest job has waited ``wait`` seconds
+or the jobs queued fill ``batch_tokens`` padded source tokens, whichever comes first,
+then decodes every queued job with the same options as one call, and resolves their
+futures. Under load the oldest job has waited long enough already, so nothing waits
+for nothing; alone, a request waits ``wait`` at most.
+
+A job is decoded with others only when its options are the same (beam size, n-best,
+scores): those are one ``Translator.search`` call. What a job gets back does not
+depend on the others (the batch's sentences are decoded independently, which
+``tests/test_serve.py`` checks against each sentence decoded alone).
+
+``close`` refuses new jobs, lets the threads finish every job already queued, and
+joins them: a server that stops lets its in-flight requests finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Closed(RuntimeError):
+    """The batcher is shutting down and takes no new jobs."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a job's sentences are decoded; jobs with equal options share a batch."""
+
+    beam_size: int
+    nbest: int = 1
+    scores: bool = False  # greedy hypotheses are scored only when asked (it costs a pass)
+
+
+@dataclass
+class _Job:
+    future: Future
+    arrived: float  # time.monotonic()
+    options: Hashable | None = None  # None: a call, run on its own
+    sources: Sequence[list[int]] = ()
+    call: Callable[[], Any] | None = None
+
+    @property
+    def longest(self) -> int:
+        return max((len(s) for s in self.sources), default=0)
+
+
+@dataclass
+class Stats:
+    """What the batcher has done since it started (for ``/health``)."""
+
+    jobs: int = 0  # submitted jobs decoded (calls aside)
+    sentences: int = 0
+    batches: int = 0  # Translator.search calls
+    calls: int = 0
+    errors: int = 0
+    largest_batch: int = 0  # sentences
+    queued: int = 0  # jobs waiting now
+    busy: int = 0  # threads decoding now
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Batcher:
+    """Gather jobs for a few milliseconds, decode those with equal options together.
+
+    Args:
+        decode: ``decode(options, sources) -> one result per source``; run in a
+            decoding thread, on the jobs' sources concatenated.
+        workers: decoding threads; each takes its own batches.
+        threads: torch threads of each decoding thread (``torch.set_num_threads``,
+            called once in each when it starts; None leaves torch's default).
+        wait: seconds a job may wait for others to join its batch.
+        batch_tokens: a batch is decoded at once when its padded source tokens
+            (sentences × the longest) would pass this.
+        batch_size: sentences in a batch, at most (a larger job goes alone).
+    """
+
+    decode: Callable[[Hashable, list[list[int]]], list]
+    workers: int = 1
+    threads: int | None = None
+    wait: float = 0.005
+    batch_tokens: int = 8192
+    batch_size: int = 256
+    stats: Stats = field(default_factory=Stats)
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        self._queue: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._gathering = 0  # threads waiting in _take (for sharing a burst between them)
+        self._threads = [
+            threading.Thread(target=self._run, name=f"decode-{i}", daemon=True) for i in range(self.workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, sources: Sequence[list[int]], options: Hashable) -> Future:
+        """Queue sentences (source ids) for decoding; the future gives one result each."""
+        return self._put(_Job(Future(), time.monotonic(), options, list(sources)))
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` in a decoding thread on its own (work on the model outside batches)."""
+        return self._put(_Job(Future(), time.monotonic(), call=fn))
+
+    def _put(self, job: _Job) -> Future:
+        with self._cond:
+            if self._closing:
+                raise Closed("the server is shutting down")
+            self._queue.append(job)
+            self.stats.queued = len(self._queue)
+            self._cond.notify_all()
+        return job.future
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new jobs, finish the queued ones, and stop the threads."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def _run(self) -> None:
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)  # this thread's, once
+        while (jobs := self._take()) is not None:
+            self._process(jobs)
+
+    def _take(self) -> list[_Job] | None:
+        """The next batch: the oldest job and the queued jobs with its options, once the
+        oldest has waited ``wait`` or they fill the budget; None when closed and empty."""
+        with self._cond:
+            self._gathering += 1
+            try:
+                while True:
+                    if not self._queue:
+                        if self._closing:
+                            return None
+                        self._cond.wait()
+                        continue
+                    first = self._queue[0]
+                    if first.call is not None:
+                        return [self._pop(first)]
+                    same = [j for j in self._queue if j.options == first.options]
+                    left = first.arrived + self.wait - time.monotonic()
+                    if self._closing or left <= 0 or self._full(same):
+                        return self._split(same)
+                    self._cond.wait(left)
+            finally:
+                self._gathering -= 1
+                self.stats.queued = len(self._queue)
+
+    def _full(self, jobs: list[_Job]) -> bool:
+        sentences = sum(len(j.sources) for j in jobs)
+        return sentences >= self.batch_size or sentences * max(j.longest for j in jobs) >= self.batch_tokens
+
+    def _split(self, same: list[_Job]) -> list[_Job]:
+        """Take the oldest of ``same`` within the budget, leaving an even share of a burst
+        to each other thread that is waiting for work (one batch per core)."""
+        share = math.ceil(sum(len(j.sources) for j in same) / max(1, self._gathering))
+        taken: list[_Job] = []
+        sentences = longest = 0
+        for job in same:
+            n, width = sentences + len(job.sources), max(longest, job.longest)
+            if taken and (n > min(share, self.batch_size) or n * width > self.batch_tokens):
+                break
+            taken.append(self._pop(job))
+            sentences, longest = n, width
+        return taken
+
+    def _pop(self, job: _Job) -> _Job:
+        self._queue.remove(job)
+        return job
+
+    def _process(self, jobs: list[_Job]) -> None:
+        # A job whose request went away (its future cancelled) is not decoded.
+        jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        if not jobs:
+            return
+        with self._cond:
+            self.stats.busy += 1
+        try:
+            if jobs[0].call is not None:
+                self._finish(jobs, lambda: [jobs[0].call()], calls=1)
+            else:
+                sources = [s for j in jobs for s in j.sources]
+                self._finish(jobs, lambda: self.decode(jobs[0].options, sources), sentences=len(sources))
+        finally:
+            with self._cond:
+                self.stats.busy -= 1
+
+    def _finish(self, jobs: list[_Job], work: Callable[[], list], calls: int = 0, sentences: int = 0) -> None:
+        """Run ``work`` and hand each job its part of the results (or the error)."""
+        try:
+            results = work()
+        except Exception as e:  # the thread lives on, whatever one batch does
+            log.exception("decoding failed")
+            with self._cond:
+                self.stats.errors += 1
+            for job in jobs:
+                job.future.set_exception(e)
+            return
+        with self._cond:
+            if calls:
+                self.stats.calls += calls
+            else:
+                self.stats.jobs += len(jobs)
+                self.stats.sentences += sentences
+                self.stats.batches += 1
+                self.stats.largest_batch = max(self.stats.largest_batch, sentences)
+        if calls:
+            jobs[0].future.set_result(results[0])
+            return
+        start = 0
+        for job in jobs:
+            job.future.set_result(results[start : start + len(job.sources)])
+            start += len(job.sources)
