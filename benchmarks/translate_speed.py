@@ -10,10 +10,17 @@ Decodes test_2016_flickr (1,000 sentences) in one process:
   3. batched, cached beam search (--beam-size, default 5, with the checkpoint's length
      penalty unless --length-penalty is given);
   4. and 5. the same two with the weights in bf16 (--dtypes fp32,bf16 by default).
+  6. the checkpoint exported to CTranslate2 (python -m transformer.export), decoded by its
+     engine greedily and with the same beam, in float32 and int8 (--ctranslate2; bf16
+     where CTranslate2 computes in bf16 on this CPU), with --ct2-workers inter-threads
+     of threads/workers intra-threads each (2 x 1 on 2 cores), as translate.py --model
+     runs it, and beam search in float32 once more collecting twice as many finished
+     hypotheses (patience 2). Skipped, saying so, when ctranslate2 is not installed.
 For each it prints wall seconds, sentences/s, target tokens/s (generated tokens,
 </s> included), the speed-up over the reference's way (in float32, as the article
-decodes) and sacreBLEU; and how many batched greedy outputs are identical to the
-reference's way.
+decodes) and sacreBLEU; how many batched greedy outputs are identical to the
+reference's way, how many CTranslate2 outputs are identical to our fp32 decoder's,
+and how our decoder's time compares with CTranslate2 float32's on the same weights.
 
 The run goes in --repeat rounds (default 5). A round decodes one part of the
 sentences (a fifth by default) the reference's way, then all of them once with each
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,6 +76,12 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=None, help="batches decoded at once (default: translate.py's)")
     parser.add_argument("--repeat", type=int, default=5,
                         help="rounds: parts of the reference's way, and passes of each batched decoder (median)")
+    parser.add_argument("--ctranslate2", default="auto",
+                        help="CTranslate2 weight types to export and decode, comma-separated (float32, int8, "
+                        "int8_float32, bf16), 'none' for no CTranslate2 rows (default 'auto': float32 and int8, "
+                        "and bf16 where CTranslate2 computes in bf16 on this CPU)")
+    parser.add_argument("--ct2-workers", type=int, default=2,
+                        help="CTranslate2 inter-threads, each with threads/workers intra-threads (default 2)")
     args = parser.parse_args()
     keep_freed_memory(one_arena=True)  # as translate.py does
 
@@ -90,17 +104,19 @@ def main() -> int:
         ]
     describe(args.device)
     print(f"device {args.device}; {len(src)} sentences; {args.checkpoint}")
-    print(f"{'decoding':<34} {'seconds':>8} {'sent/s':>8} {'tok/s':>8} {'speed-up':>9} {'BLEU':>6}  settings")
     translators = [(name, cfg, Translator(base.model, base.tokenizer, cfg, base.device)) for name, cfg in setups]
+    scratch = tempfile.TemporaryDirectory(prefix="translate-speed-")
+    translators += ctranslate2_setups(args, sizes, alpha, Path(scratch.name))
+    print(f"{'decoding':<34} {'seconds':>8} {'sent/s':>8} {'tok/s':>8} {'speed-up':>9} {'BLEU':>6}  settings")
     rounds = max(1, args.repeat)
-    passes: dict[str, list[tuple[float, list[list[int]], int]]] = {name: [] for name, _ in setups}
+    passes: dict[str, list[tuple[float, list[list[int]], int]]] = {name: [] for name, _, _ in translators}
     for r in range(rounds):
         for n, (name, _, t) in enumerate(translators):
             # Round r decodes part r of the sentences the reference's way (the first
             # setup), and all of them with each of the others.
             part = sources[r * len(sources) // rounds : (r + 1) * len(sources) // rounds] if n == 0 else sources
             passes[name].append(timed(t, part))
-    results, reference_seconds = {}, 0.0
+    results, times, reference_seconds = {}, {}, 0.0
     for n, (name, cfg, t) in enumerate(translators):
         if n == 0:  # the reference's way: its parts add up to one pass
             parts = passes[name]
@@ -108,12 +124,17 @@ def main() -> int:
             reference_seconds = seconds
         else:
             seconds, ids, generated = sorted(passes[name], key=lambda p: p[0])[len(passes[name]) // 2]
-        results[name] = ids
+        results[name], times[name] = ids, seconds
         bleu = score([t.detokenize(i) for i in ids], ref).bleu
+        if getattr(t, "engine", "torch") == "ctranslate2":
+            how = (f"{t.workers} worker(s) x {t.threads} thread(s), "
+                   f"{t.compute_type} ({t.meta['quantization']} weights)"
+                   + (f", {t.patience:g} x beam finished" if cfg.beam_size > 1 else ""))
+        else:
+            how = f"{t.workers} worker(s), {cfg.dtype or 'fp32'}"
         print(f"{name:<34} {seconds:8.1f} {len(src) / seconds:8.1f} {generated / seconds:8.0f} "
               f"{reference_seconds / seconds:8.1f}x {bleu:6.2f}  "
-              f"{decoding_name(cfg)}, batch {cfg.batch_size} sentences / {cfg.batch_tokens} tokens, "
-              f"{t.workers} worker(s), {cfg.dtype or 'fp32'}; "
+              f"{decoding_name(cfg)}, batch {cfg.batch_size} sentences / {cfg.batch_tokens} tokens, {how}; "
               + ("parts " if n == 0 else "passes ")
               + ", ".join(f"{p[0]:.2f}" for p in passes[name]) + " s")
     first = results[setups[0][0]]
@@ -121,7 +142,60 @@ def main() -> int:
         if "greedy" in name:
             same = sum(a == b for a, b in zip(first, results[name]))
             print(f"{name} == reference way: {same} of {len(first)} sentences identical")
+    ours = {"greedy": f"batched greedy, {args.dtypes.split(',')[0]}",
+            "beam": f"batched beam {args.beam_size}, {args.dtypes.split(',')[0]}"}
+    for name, _, t in translators:
+        if getattr(t, "engine", "torch") == "ctranslate2":
+            mine = ours["greedy" if "greedy" in name else "beam"]
+            same = sum(a == b for a, b in zip(results[mine], results[name]))
+            print(f"{name} == {mine}: {same} of {len(first)} sentences identical")
+    for kind, mine in ours.items():
+        engine = f"ctranslate2 {'greedy' if kind == 'greedy' else f'beam {args.beam_size}'}, float32"
+        if engine not in times:
+            continue
+        fastest = min((n for n, _, t in translators[1:] if getattr(t, "engine", "torch") == "torch"
+                       and (("greedy" in n) == (kind == "greedy"))), key=times.get)
+        print(f"{kind}: {mine} takes {times[mine] / times[engine]:.2f}x the time of {engine}; "
+              f"our fastest ({fastest}) {times[fastest] / times[engine]:.2f}x")
+    scratch.cleanup()
     return 0
+
+
+def ctranslate2_setups(args, sizes: dict, alpha: float, folder: Path) -> list:
+    """(name, decode config, CTranslate2Translator) for each weight type asked for, greedy
+    and beam; none, with a line saying why, without ctranslate2."""
+    if args.ctranslate2 == "none":
+        return []
+    try:
+        import ctranslate2
+    except ImportError:
+        print("no CTranslate2 rows: ctranslate2 is not installed (pip install -e \".[export]\")")
+        return []
+    from transformer.export.converter import export_checkpoint
+    from transformer.inference.ctranslate2 import CTranslate2Translator
+
+    supported = ctranslate2.get_supported_compute_types(args.device)
+    if args.ctranslate2 == "auto":
+        types = ["float32", "int8"] + (["bf16"] if "bfloat16" in supported else [])
+        if "bfloat16" not in supported:
+            print(f"no CTranslate2 bf16 row: ctranslate2 {ctranslate2.__version__} computes in "
+                  f"{', '.join(sorted(supported))} on this {args.device}")
+    else:
+        types = args.ctranslate2.split(",")
+    found = []
+    for quantization in types:
+        exported = export_checkpoint(args.checkpoint, folder / quantization, quantization)
+        engine = CTranslate2Translator.from_directory(exported, device=args.device, workers=args.ct2_workers,
+                                                      **{k: v for k, v in sizes.items() if k != "workers"})
+        greedy = engine.with_decoding(beam_size=1)
+        beam = engine.with_decoding(beam_size=args.beam_size, length_penalty=alpha)
+        found += [(f"ctranslate2 greedy, {quantization}", greedy.cfg, greedy),
+                  (f"ctranslate2 beam {args.beam_size}, {quantization}", beam.cfg, beam)]
+        if quantization == "float32" and alpha != 0:
+            # Searching on until beam_size · 2 hypotheses have ended: closer to our search.
+            patient = beam.with_decoding(patience=2)
+            found.append((f"ctranslate2 beam {args.beam_size}, {quantization}, patience 2", patient.cfg, patient))
+    return found
 
 
 if __name__ == "__main__":

@@ -24,16 +24,21 @@ RESUMABLE = ("train.", "decode.", "data.dir", "data.workers", "data.prepared", "
 FIXED_ON_RESUME = ("train.seed", "train.run_dir", "train.runs_root")
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train an Annotated Transformer model.")
+def _config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """--config, --set and --data-dir: the options of every command that reads a config."""
     parser.add_argument(
         "--config", type=Path, default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name} from configs/)"
     )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one config field, e.g. --set train.warmup=400 (repeatable)",
+        help=f"override one config field, e.g. --set {example} (repeatable)",
     )
     parser.add_argument("--data-dir", help="folder holding the Multi30k files (same as --set data.dir=...)")
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train an Annotated Transformer model.")
+    _config_arguments(parser, example="train.warmup=400")
     parser.add_argument(
         "--resume", type=Path, metavar="RUN_DIR",
         help="continue the run in RUN_DIR exactly where its last.pt left it (--set may change train.* and decode.*)",
@@ -95,14 +100,7 @@ def prepare_main(argv: list[str] | None = None) -> int:
         description="Prepare a corpus for training: learn the tokenizer and encode every split into memory-mapped "
         "token-id files (train.py does this itself on first use; this command does it ahead, with progress bars).",
     )
-    parser.add_argument(
-        "--config", type=Path, default=None, help=f"YAML config (default: {DEFAULT_CONFIG.name} from configs/)"
-    )
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one config field, e.g. --set data.prepared=DIR (repeatable)",
-    )
-    parser.add_argument("--data-dir", help="folder holding the Multi30k files (same as --set data.dir=...)")
+    _config_arguments(parser, example="data.prepared=DIR")
     parser.add_argument("--force", action="store_true", help="rebuild even when the prepared corpus is up to date")
     args = parser.parse_args(argv)
 
@@ -143,11 +141,21 @@ NBEST_FORMAT = "LINE<TAB>RANK<TAB>SCORE<TAB>TRANSLATION"
 
 def translate_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Translate sentences with a trained checkpoint.",
+        description="Translate sentences with a trained checkpoint, or with a model exported to CTranslate2.",
         epilog=f"With --nbest N, each input line gives N output lines {NBEST_FORMAT}: the input's line number "
         "(from 1), the rank (1 = best), the score (log-probability / length penalty) and the text.",
     )
-    parser.add_argument("--checkpoint", required=True, help="a .pt file written by train.py")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument(
+        "--checkpoint", help="a .pt file written by train.py (or a folder written by python -m transformer.export)"
+    )
+    model.add_argument("--model", metavar="DIR", help="a folder written by python -m transformer.export (CTranslate2)")
+    parser.add_argument(
+        "--engine", choices=["torch", "ctranslate2"],
+        help="what decodes: this package's decoder (torch) or CTranslate2 (pip install -e \".[export]\"); with "
+        "--checkpoint CKPT.pt and ctranslate2, the checkpoint is exported to a temporary folder first "
+        "(default: ctranslate2 for an exported folder, else torch)",
+    )
     parser.add_argument("sentences", nargs="*", help="sentences to translate (default: --input, else stdin)")
     parser.add_argument("--input", help="file with one sentence per line (plain or .gz)")
     parser.add_argument("--output", help="write translations here instead of stdout")
@@ -171,9 +179,10 @@ def translate_main(argv: list[str] | None = None) -> int:
         "with two threads or more)",
     )
     parser.add_argument(
-        "--dtype", choices=["fp32", "bf16", "fp16"],
-        help="decode with the weights cast to this type (default: the checkpoint's decode.dtype, else fp32); "
-        "bf16 is faster on CPUs with bf16 units, fp16 needs CUDA",
+        "--dtype", choices=["fp32", "bf16", "fp16", "int8"],
+        help="decode with the weights cast to this type (default: the checkpoint's decode.dtype, else fp32; "
+        "ctranslate2: the exported weights' type); bf16 is faster on CPUs with bf16 units, fp16 needs CUDA, "
+        "int8 needs --engine ctranslate2",
     )
     parser.add_argument(
         "--no-cache", action="store_true", help="recompute the whole prefix at every step (the reference's way)"
@@ -188,10 +197,28 @@ def translate_main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
 
+    from transformer.inference.ctranslate2 import is_exported_model
+
+    path = args.model or args.checkpoint
+    exported = is_exported_model(path)
+    engine = args.engine or ("ctranslate2" if args.model or exported else "torch")
+    if engine == "torch" and (args.model or exported):
+        parser.error(f"{path} is a model exported to CTranslate2: it runs with --engine ctranslate2 only "
+                     "(give its checkpoint for the torch engine)")
+    if args.model and not exported:
+        return _fail(f"{path}: not a folder written by python -m transformer.export (no transformer.json)")
+    if engine == "torch" and args.dtype == "int8":
+        parser.error("--dtype int8 needs --engine ctranslate2")
+    if engine == "ctranslate2":
+        for flag, given in (("--no-cache", args.no_cache), ("--plot-attention", args.plot_attention)):
+            if given:
+                parser.error(f"{flag} needs the torch engine (this package's decoder)")
+
+    import tempfile
+
     from transformer.data.files import DataError, iter_lines, read_lines
     from transformer.fast.memory import keep_freed_memory
     from transformer.inference.scoring import score
-    from transformer.inference.translator import Translator
     from transformer.training.checkpoint import CheckpointError
     from transformer.runtime import setup_logging
 
@@ -203,12 +230,30 @@ def translate_main(argv: list[str] | None = None) -> int:
             overrides[flag] = getattr(args, flag)
     if args.max_len is not None:
         overrides["max_len_a"], overrides["max_len_b"] = args.max_len
+    scratch = None  # a checkpoint exported on the fly for --engine ctranslate2
     try:
         if args.plot_attention is not None:
             from transformer.figures.drawing import require_matplotlib
 
             require_matplotlib()
-        translator = Translator.from_checkpoint(args.checkpoint, device=args.device, **overrides)
+        if engine == "ctranslate2":
+            from transformer.inference.ctranslate2 import CTranslate2Translator
+
+            if not exported:
+                from transformer.export.converter import ExportError, export_checkpoint
+
+                scratch = tempfile.TemporaryDirectory(prefix="ctranslate2-")
+                try:
+                    path = export_checkpoint(path, Path(scratch.name) / "model")
+                except ExportError as e:
+                    return _fail(str(e))
+            compute_type = overrides.pop("dtype", None)
+            translator = CTranslate2Translator.from_directory(path, device=args.device, compute_type=compute_type,
+                                                              **overrides)
+        else:
+            from transformer.inference.translator import Translator
+
+            translator = Translator.from_checkpoint(args.checkpoint, device=args.device, **overrides)
         try:
             check_nbest(args.nbest, translator.cfg.beam_size)
         except ConfigError as e:
@@ -235,6 +280,9 @@ def translate_main(argv: list[str] | None = None) -> int:
                 out.close()
     except (ConfigError, CheckpointError, DataError, ValueError, ImportError, OSError) as e:
         return _fail(str(e))
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     if references is not None:
         print(score(best, references).summary(), file=sys.stderr)
     return 0
