@@ -548,3 +548,22 @@ def test_the_page_translates_as_you_type_and_shows_the_attention(server, sentenc
         assert not errors, errors
     finally:
         driver.quit()
+
+
+def test_an_exported_model_serves_greedy_what_the_checkpoint_serves(checkpoint, translators, sentences, tmp_path):
+    """The same server on the model exported to CTranslate2: greedy translations equal the
+    checkpoint's (the export's own tests check the engine against our decoder); /info names
+    the engine, /attention refuses clearly."""
+    pytest.importorskip("ctranslate2", reason="ctranslate2 is not installed (pip install -e \".[export]\")")
+    exported = tmp_path / "exported"
+    result = subprocess.run([sys.executable, "-m", "transformer.export", str(checkpoint), str(exported)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    s = Server(exported, tmp_path / "server.log", "--beam-size", "1")
+    try:
+        assert s.translate(sentences)["translatedText"] == translators[1].translate(sentences)
+        assert s.call("GET", "/info")[1]["model"]["engine"] == "ctranslate2"
+        status, body, _ = s.call("POST", "/attention", {"q": sentences[0]})
+        assert status == 422 and "serve the checkpoint" in body["error"]
+    finally:
+        s.stop()

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         "POST /attention, GET /info, GET /health; OpenAPI page at /docs) and a page at / that translates as you "
         "type and shows the attention.",
     )
-    parser.add_argument("--checkpoint", required=True, help="a .pt file written by train.py")
+    parser.add_argument("--checkpoint", required=True, help="a .pt file written by train.py, or a folder written by "
+                        "python -m transformer.export (decoded by CTranslate2; no /attention)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                         "only; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=5000, help="port (default 5000; 0 picks a free one, printed)")
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     try:
         service = Service.load(args.checkpoint, device=str(device), limits=limits, batching=batching, **overrides)
-    except (CheckpointError, ConfigError, ValueError) as e:
+    except (CheckpointError, ConfigError, ValueError, ImportError) as e:  # ValueError: a bad export too
         sock.close()
         return _fail(str(e))
     app = create_app(service)

@@ -90,18 +90,27 @@ class Service:
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "auto", limits: Limits = Limits(),
              batching: Batching = Batching(), **decode_overrides) -> "Service":
-        """Load a checkpoint once; ``decode_overrides`` replace fields of its decode config."""
+        """Load a checkpoint (or a folder exported to CTranslate2, decoded by it) once;
+        ``decode_overrides`` replace fields of its decode config."""
+        from transformer.inference.ctranslate2 import CTranslate2Translator, is_exported_model
         from transformer.inference.translator import Translator
         from transformer.runtime import resolve_device
         from transformer.training.checkpoint import load_model
 
-        dev = resolve_device(device)
-        model, tokenizer, cfg = load_model(checkpoint, dev)
-        decode = dataclasses.replace(cfg.decode, **decode_overrides, workers=1)
+        if is_exported_model(checkpoint):
+            # The batcher's threads call it at once: as many CTranslate2 workers, a core each.
+            translator = CTranslate2Translator.from_directory(
+                checkpoint, device, workers=batching.workers, threads=batching.workers * (batching.threads or 1),
+                **decode_overrides)
+            cfg, decode = translator.config, translator.cfg
+        else:
+            dev = resolve_device(device)
+            model, tokenizer, cfg = load_model(checkpoint, dev)
+            decode = dataclasses.replace(cfg.decode, **decode_overrides, workers=1)
+            translator = Translator(model, tokenizer, decode, dev)
         if decode.beam_size > limits.max_beam_size:
             raise ValueError(f"the default beam size ({decode.beam_size}) is over --max-beam-size "
                              f"({limits.max_beam_size})")
-        translator = Translator(model, tokenizer, decode, dev)
         return cls(translator, cfg, str(checkpoint), limits, batching)
 
     def close(self) -> None:
@@ -118,8 +127,11 @@ class Service:
             return base
         with self._lock:
             if beam_size not in self._translators:
-                cfg = dataclasses.replace(base.cfg, beam_size=beam_size)
-                self._translators[beam_size] = Translator(base.model, base.tokenizer, cfg, base.device)
+                if base.model is None:  # CTranslate2: the same loaded model, decoding otherwise
+                    self._translators[beam_size] = base.with_decoding(beam_size=beam_size)
+                else:
+                    cfg = dataclasses.replace(base.cfg, beam_size=beam_size)
+                    self._translators[beam_size] = Translator(base.model, base.tokenizer, cfg, base.device)
             return self._translators[beam_size]
 
     def _decode(self, options: Options, sources: list[list[int]]):
@@ -196,6 +208,9 @@ class Service:
         tens of thousands of numbers)."""
         from transformer.figures.attention import attention_maps
 
+        if self.translator.model is None:
+            raise ApiError(422, "/attention needs the model's own decoder: serve the checkpoint (.pt), not the "
+                           "CTranslate2 export")
         (src,) = self.encode([text])
         if len(src) > self.limits.max_attention_tokens:
             raise ApiError(413, f"'q' has {len(src)} tokens; /attention takes sentences of at most "
@@ -225,6 +240,14 @@ class Service:
     def info(self) -> dict[str, Any]:
         model, tok, cfg = self.translator.model, self.translator.tokenizer, self.translator.cfg
         m = self.cfg.model
+        if model is None:  # CTranslate2
+            weights = {"engine": "ctranslate2", "dtype": self.translator.compute_type,
+                       "max_positions": m.max_len, "device": self.translator.device}
+        else:
+            weights = {"engine": "torch", "parameters": sum(p.numel() for p in model.parameters()),
+                       "max_positions": model.max_positions,
+                       "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                       "device": str(self.translator.device)}
         return {
             "task": self.task,
             "source": self.source,
@@ -232,11 +255,8 @@ class Service:
             "languages": self.languages(),
             "model": {
                 "layers": m.N, "d_model": m.d_model, "d_ff": m.d_ff, "heads": m.h, "norm": m.norm,
-                "parameters": sum(p.numel() for p in model.parameters()),
                 "tokenizer": tok.kind, "src_vocab": tok.src_vocab_size, "tgt_vocab": tok.tgt_vocab_size,
-                "max_positions": model.max_positions,
-                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                "device": str(self.translator.device),
+                **weights,
             },
             "decoding": {
                 "beam_size": cfg.beam_size, "length_penalty": cfg.length_penalty,
