@@ -40,12 +40,13 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from transformer.config import Config, DecodeConfig, check_nbest, from_dict
 from transformer.data.tokenizers import SentencePieceTokenizer, Tokenizer, tokenizer_from_state
+from transformer.inference.sentences import SentenceTranslator
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-class CTranslate2Translator:
+class CTranslate2Translator(SentenceTranslator):
     """An exported model in CTranslate2, with ``Translator``'s interface.
 
     Args:
@@ -231,29 +232,7 @@ class CTranslate2Translator:
             sources.append(ids)
         return sources
 
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return " ".join(self.tokenizer.decode_tgt(ids).splitlines())
-
     # -- decoding -------------------------------------------------------------------------
-
-    def _limits(self, lengths: list[int]) -> list[int]:
-        """As ``Translator._limits``: a·length + b tokens, within the positional table."""
-        cap = self.max_positions - 1
-        return [max(1, min(cap, int(self.cfg.max_len_a * n + self.cfg.max_len_b))) for n in lengths]
-
-    def _batches(self, sources: Sequence[list[int]]) -> Iterator[list[int]]:
-        """As ``Translator._batches``: non-empty sources sorted by length, at most
-        ``batch_size`` sentences and ``batch_tokens`` padded tokens a batch."""
-        order = sorted((i for i, s in enumerate(sources) if s), key=lambda i: len(sources[i]))
-        batch: list[int] = []
-        for i in order:
-            full = len(batch) == self.cfg.batch_size or (len(batch) + 1) * len(sources[i]) > self.cfg.batch_tokens
-            if batch and full:
-                yield batch
-                batch = []
-            batch.append(i)
-        if batch:
-            yield batch
 
     def _source_tokens(self, ids: list[int]) -> list[str]:
         if self.add_source_eos and ids and ids[-1] == self.tokenizer.eos_id:
@@ -271,7 +250,7 @@ class CTranslate2Translator:
         nbest = cfg.nbest if nbest is None else nbest
         check_nbest(nbest, cfg.beam_size)
         results: list[list[Any]] = [[Hypothesis([], math.nan, math.nan, 0)] for _ in sources]
-        limits = self._limits([len(s) for s in sources])
+        limits = self._length_limits([len(s) for s in sources])
         greedy = cfg.beam_size == 1
         # CTranslate2 runs with α 0, so it stops a sentence once its best candidate has
         # ended and it has ``num_hypotheses`` finished ones. With our α 0 too, that is
@@ -320,16 +299,3 @@ class CTranslate2Translator:
             ids, ended, log_prob = ids[:limit], False, math.nan
         length = len(ids) + ended
         return Hypothesis(ids, log_prob / length_penalty(length, self.cfg.length_penalty), log_prob, length)
-
-    def translate_ids(self, sources: Sequence[list[int]]) -> list[list[int]]:
-        return [hyps[0].tokens for hyps in self.search(sources, nbest=1, scores=False)]
-
-    def translate(self, sentences: Sequence[str], first_line: int = 1) -> list[str]:
-        """Translate sentences; the output list matches the input one to one."""
-        return [self.detokenize(ids) for ids in self.translate_ids(self.encode(sentences, first_line))]
-
-    def translate_nbest(self, sentences: Sequence[str], nbest: int,
-                        first_line: int = 1) -> list[list[tuple[str, float]]]:
-        """The ``nbest`` best translations of each sentence with their scores, best first."""
-        found = self.search(self.encode(sentences, first_line), nbest=nbest)
-        return [[(self.detokenize(h.tokens), h.score) for h in hyps] for hyps in found]

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import torch
 from transformer.config import DecodeConfig, check_nbest
 from transformer.data.batching import pad_sequences, padding_mask
 from transformer.data.tokenizers import Tokenizer
+from transformer.inference.sentences import SentenceTranslator
 from transformer.inference.search import (
     Hypothesis,
     beam_search,
@@ -30,7 +31,7 @@ from transformer.training.checkpoint import load_model
 log = logging.getLogger(__name__)
 
 
-class Translator:
+class Translator(SentenceTranslator):
     """A model, its tokenizer and decoding settings: sentences in, sentences out.
 
     Sentences are decoded in batches sorted by length (less padding) and returned in
@@ -71,23 +72,8 @@ class Translator:
         return cls(model, tokenizer, dataclasses.replace(cfg.decode, **decode_overrides), dev)
 
     def _limits(self, lengths: list[int]) -> torch.Tensor:
-        """Tokens to generate for each sentence: a·length + b, within the positional table."""
-        cap = self.max_positions - 1  # the start symbol takes one position
-        return torch.tensor([max(1, min(cap, int(self.cfg.max_len_a * n + self.cfg.max_len_b))) for n in lengths])
-
-    def _batches(self, sources: Sequence[list[int]]) -> Iterator[list[int]]:
-        """Indices of the non-empty sources, sorted by length and cut into batches of at
-        most ``batch_size`` sentences and ``batch_tokens`` padded source tokens."""
-        order = sorted((i for i, s in enumerate(sources) if s), key=lambda i: len(sources[i]))
-        batch: list[int] = []
-        for i in order:
-            # Sorted by length, so the newest source is the longest of the batch.
-            if batch and (len(batch) == self.cfg.batch_size or (len(batch) + 1) * len(sources[i]) > self.cfg.batch_tokens):
-                yield batch
-                batch = []
-            batch.append(i)
-        if batch:
-            yield batch
+        """``_length_limits`` as a tensor, for the search functions."""
+        return torch.tensor(self._length_limits(lengths))
 
     def search(self, sources: Sequence[list[int]], nbest: int | None = None, scores: bool = True) -> list[list[Hypothesis]]:
         """Decode source id lists (no padding) into hypotheses, best first.
@@ -169,10 +155,6 @@ class Translator:
         for h, lp in zip(hyps, log_probs.tolist()):
             h.log_prob, h.score = lp, lp / length_penalty(h.length, self.cfg.length_penalty)
 
-    def translate_ids(self, sources: Sequence[list[int]]) -> list[list[int]]:
-        """Decode source id lists (no padding) into target id lists (no specials)."""
-        return [hyps[0].tokens for hyps in self.search(sources, nbest=1, scores=False)]
-
     def encode(self, sentences: Sequence[str], first_line: int = 1) -> list[list[int]]:
         """Source ids of each sentence, cut (with a warning) to the model's limit; none
         for an empty sentence.
@@ -191,20 +173,6 @@ class Translator:
                 ids = ids[: self.max_positions]
             sources.append(ids)
         return sources
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        # A model can emit line breaks (e.g. through byte pieces); one input line must
-        # stay one output line, so every kind of line break becomes a space.
-        return " ".join(self.tokenizer.decode_tgt(ids).splitlines())
-
-    def translate(self, sentences: Sequence[str], first_line: int = 1) -> list[str]:
-        """Translate sentences; the output list matches the input one to one."""
-        return [self.detokenize(ids) for ids in self.translate_ids(self.encode(sentences, first_line))]
-
-    def translate_nbest(self, sentences: Sequence[str], nbest: int, first_line: int = 1) -> list[list[tuple[str, float]]]:
-        """The ``nbest`` best translations of each sentence with their scores, best first."""
-        found = self.search(self.encode(sentences, first_line), nbest=nbest)
-        return [[(self.detokenize(h.tokens), h.score) for h in hyps] for hyps in found]
 
 
 def decoding_name(cfg: DecodeConfig) -> str:

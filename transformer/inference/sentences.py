@@ -1,0 +1,73 @@
+"""What every decoding engine shares: sentences to batches and length limits, and the
+text methods built on an engine's ``encode`` and ``search``.
+
+``Translator`` (this package's decoder) and ``CTranslate2Translator`` (an exported model)
+both derive from ``SentenceTranslator``, so they batch, bound and return translations
+alike and differ only in how they search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from transformer.config import DecodeConfig
+from transformer.data.tokenizers import Tokenizer
+
+
+class SentenceTranslator:
+    """The engine-independent part of a translator.
+
+    A subclass sets ``tokenizer``, ``cfg`` and ``max_positions`` and defines
+    ``encode(sentences, first_line)`` and ``search(sources, nbest, scores)``.
+    """
+
+    tokenizer: Tokenizer
+    cfg: DecodeConfig
+    max_positions: int
+
+    def encode(self, sentences: Sequence[str], first_line: int = 1) -> list[list[int]]:
+        raise NotImplementedError
+
+    def search(self, sources: Sequence[list[int]], nbest: int | None = None, scores: bool = True) -> list[list[Any]]:
+        raise NotImplementedError
+
+    def _length_limits(self, lengths: Sequence[int]) -> list[int]:
+        """Tokens to generate for each sentence: a·length + b, within the positional table."""
+        cap = self.max_positions - 1  # the start symbol takes one position
+        return [max(1, min(cap, int(self.cfg.max_len_a * n + self.cfg.max_len_b))) for n in lengths]
+
+    def _batches(self, sources: Sequence[list[int]]) -> Iterator[list[int]]:
+        """Indices of the non-empty sources, sorted by length and cut into batches of at
+        most ``batch_size`` sentences and ``batch_tokens`` padded source tokens."""
+        order = sorted((i for i, s in enumerate(sources) if s), key=lambda i: len(sources[i]))
+        batch: list[int] = []
+        for i in order:
+            # Sorted by length, so the newest source is the longest of the batch.
+            full = len(batch) == self.cfg.batch_size or (len(batch) + 1) * len(sources[i]) > self.cfg.batch_tokens
+            if batch and full:
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
+    def translate_ids(self, sources: Sequence[list[int]]) -> list[list[int]]:
+        """Decode source id lists (no padding) into target id lists (no specials)."""
+        return [hyps[0].tokens for hyps in self.search(sources, nbest=1, scores=False)]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        # A model can emit line breaks (e.g. through byte pieces); one input line must
+        # stay one output line, so every kind of line break becomes a space.
+        return " ".join(self.tokenizer.decode_tgt(ids).splitlines())
+
+    def translate(self, sentences: Sequence[str], first_line: int = 1) -> list[str]:
+        """Translate sentences; the output list matches the input one to one."""
+        return [self.detokenize(ids) for ids in self.translate_ids(self.encode(sentences, first_line))]
+
+    def translate_nbest(
+        self, sentences: Sequence[str], nbest: int, first_line: int = 1
+    ) -> list[list[tuple[str, float]]]:
+        """The ``nbest`` best translations of each sentence with their scores, best first."""
+        found = self.search(self.encode(sentences, first_line), nbest=nbest)
+        return [[(self.detokenize(h.tokens), h.score) for h in hyps] for hyps in found]
