@@ -11,10 +11,12 @@ In one run, on test_2016_flickr's 1,000 German sentences:
      batches and decoding threads), translating all the sentences at once, text to text;
      --repeat passes before the server's levels and --repeat after, the median of them all
      (a shared machine's slow minutes then weigh on both sides);
-  2. the same Translator on the sentences in random order, in batches of half the
-     connections of each level, in two one-thread threads: what the server's two decoding
-     threads can do at most when that many requests are in flight (no HTTP), so that the
-     server's own overhead shows apart from the cost of decoding small batches;
+  2. the same model with no HTTP, on the sentences in random order, in two one-thread
+     threads each holding half the connections of each level in flight: as a stream
+     (``GreedyStream``, a new sentence joining as soon as one ends: what the server's
+     decoding threads do) and in batches of that size (each ending before the next starts):
+     what the server can do at most when that many requests are in flight, so that its
+     own overhead shows apart from the cost of decoding few sentences at a time;
   3. the server (``python -m transformer.serve --beam-size 1``) in a subprocess, and
      clients in threads, one keep-alive HTTP connection each, sending one sentence per
      request: --per-level requests (default: every sentence once) at 1, 8 and 32
@@ -97,6 +99,38 @@ class TranslatePy:
     def per_second(self) -> float:
         """Sentences/s of the median pass."""
         return len(self.sentences) / statistics.median(self.passes)
+
+
+def stream_speed(checkpoint: str, sentences: list[str], rows: int, workers: int = 2) -> float:
+    """Greedy sentences/s of ``workers`` threads of one torch thread each, each with a
+    ``GreedyStream`` holding ``rows`` sentences (of the sentences in random order) while
+    there are any left: what the server's decoding threads can give at most when
+    ``workers * rows`` requests are in flight."""
+    import random
+
+    import torch
+
+    translator = Translator.from_checkpoint(checkpoint, device="cpu", beam_size=1, workers=1)
+    sources = translator.encode(sentences)
+    random.Random(0).shuffle(sources)
+
+    def decode(part: list[list[int]]) -> None:
+        torch.set_num_threads(1)  # this benchmark thread's own setting
+        stream, waiting = translator.stream(), iter(enumerate(part))
+        while True:
+            while len(stream) < rows and (item := next(waiting, None)) is not None:
+                stream.add(*item)
+            if not len(stream):
+                return
+            stream.step()
+
+    threads = [threading.Thread(target=decode, args=(sources[i::workers],)) for i in range(workers)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(sources) / (time.perf_counter() - start)
 
 
 def small_batch_speed(checkpoint: str, sentences: list[str], batch: int, workers: int = 2) -> float:
@@ -270,10 +304,11 @@ def main() -> int:
           f"(passes {', '.join(f'{p:.2f}' for p in translate_py.passes)} s)")
     ceilings = {}
     for connections in sorted({n for n in levels_asked if n > 1}):
-        ceilings[connections] = small_batch_speed(checkpoint, sentences, max(1, connections // 2))
-        print(f"the Translator alone, random batches of {max(1, connections // 2)} in 2 threads (the most "
-              f"{connections} connections can give the server's 2 decoding threads): "
-              f"{ceilings[connections]:.1f} sentences/s")
+        rows = max(1, connections // 2)
+        ceilings[connections] = stream_speed(checkpoint, sentences, rows)
+        batches = small_batch_speed(checkpoint, sentences, rows)
+        print(f"{connections} in flight, no HTTP, 2 threads of {rows}: streams {ceilings[connections]:.1f} "
+              f"sentences/s, batches {batches:.1f}")
 
     server = ServerProcess(checkpoint, args.server_arg)
     try:
@@ -308,9 +343,13 @@ def main() -> int:
     batched = translate_py.per_second
     every = ", ".join(f"{p:.2f}" for p in translate_py.passes)
     print(f"translate.py's way again: the median of all its passes ({every} s): {batched:.1f} sentences/s")
-    print(f"server: {batching['jobs']} requests in {batching['batches']} batches "
-          f"({batching['sentences'] / max(1, batching['batches']):.1f} sentences per batch, at most "
-          f"{batching['largest_batch']}); exit status {code} after SIGTERM")
+    if batching["steps"]:
+        print(f"server: {batching['jobs']} requests, {batching['sentences']} sentences streamed in "
+              f"{batching['steps']} steps; exit status {code} after SIGTERM")
+    else:
+        print(f"server: {batching['jobs']} requests in {batching['batches']} batches "
+              f"({batching['sentences'] / max(1, batching['batches']):.1f} sentences per batch, at most "
+              f"{batching['largest_batch']}); exit status {code} after SIGTERM")
     print("server RSS (MiB): " + ", ".join(f"{name} {mib:.1f}" for name, mib in rss))
 
     top = levels[-1] if soaked is None else soaked
@@ -321,8 +360,8 @@ def main() -> int:
     print("verdicts:")
     print(f"  {levels_asked[-1]} connections: {top.per_second:.1f} sentences/s = {100 * share:.0f}% of translate.py's "
           f"{batched:.1f} (target >= {100 * TARGET_SHARE:.0f}%): {'PASS' if share >= TARGET_SHARE else 'FAIL'}"
-          + (f"; {100 * top.per_second / ceilings[levels_asked[-1]]:.0f}% of the Translator's own speed at "
-             f"batches that size" if levels_asked[-1] in ceilings else ""))
+          + (f"; {100 * top.per_second / ceilings[levels_asked[-1]]:.0f}% of the streams' own speed with "
+             f"that many in flight" if levels_asked[-1] in ceilings else ""))
     print(f"  errors: {errors} in {done} requests (target 0): {'PASS' if errors == 0 else 'FAIL'}")
     print(f"  memory: {rss[0][1]:.1f} MiB when started, {warm_rss:.1f} after {per_level * len(levels)} requests, "
           f"{rss[-1][1]:.1f} after {done} ({growth:+.1f} MiB over the last {done - per_level * len(levels)}; "

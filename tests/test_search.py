@@ -288,3 +288,63 @@ def test_translator_decodes_in_another_dtype_on_a_copy():
     assert Translator(m, Letters(), DecodeConfig(), torch.device("cpu")).model is m
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         Translator(m, Letters(), DecodeConfig(dtype="fp16"), torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- GreedyStream
+
+STREAMED = ["abcdefg", "", "ab", "hgfedcbaabc", "c", "abcd", "", "dddd", "hhhhhhhhhhhhhhhh", "abab", "gfe", "bbbbbbb"]
+
+
+def streaming_translator():
+    """Greedy, with limits that differ by length, and an end symbol made likely enough
+    that some sentences end with it and others at their limit."""
+    m = model(seed=0)
+    with torch.no_grad():
+        m.generator.proj.bias[EOS] += 1.0
+    return Translator(m, Letters(), DecodeConfig(beam_size=1, max_len_a=1.0, max_len_b=3), torch.device("cpu"))
+
+
+def run_stream(stream, sources, joins):
+    """Add sources[i] before step joins[i] (steps counted from 0); step until all end."""
+    found, step = {}, 0
+    while len(found) < len(sources):
+        for i, at in enumerate(joins):
+            if at == step:
+                stream.add(i, sources[i])
+        for key, hyps in stream.step():
+            assert key not in found
+            found[key] = hyps
+        step += 1
+        assert step < 200
+    assert len(stream) == 0
+    return [found[i] for i in range(len(sources))]
+
+
+@pytest.mark.parametrize("schedule", ["together", "one per step", "random"])
+def test_a_stream_gives_each_sentence_what_greedy_search_gives_it(schedule):
+    """Sentences joining the rows being decoded at other steps (so that rows are at
+    different positions, with keys of different lengths and sources of different
+    widths) and leaving as they end get the tokens and lengths of a greedy search."""
+    t = streaming_translator()
+    sources = t.encode(STREAMED)
+    expected = t.search(sources, scores=False)
+    ends = [h[0].length > len(h[0].tokens) for h in expected]
+    assert 0 < sum(ends) < len(ends)  # both ways of ending are tested
+    joins = {
+        "together": [0] * len(sources),
+        "one per step": list(range(len(sources))),
+        "random": torch.randint(0, 15, (len(sources),), generator=torch.Generator().manual_seed(3)).tolist(),
+    }[schedule]
+    found = run_stream(t.stream(), sources, joins)
+    assert [(h[0].tokens, h[0].length) for h in found] == [(h[0].tokens, h[0].length) for h in expected]
+    assert all(h[0].score != h[0].score for h in found)  # NaN: not scored, as search(scores=False)
+
+
+def test_a_stream_decodes_in_the_translators_dtype_and_empties():
+    t = streaming_translator()
+    t32 = Translator(t.model.float(), t.tokenizer, t.cfg, t.device)
+    sources = t32.encode(STREAMED)
+    found = run_stream(t32.stream(), sources, [i % 3 for i in range(len(sources))])
+    assert [h[0].tokens for h in found] == [h[0].tokens for h in t32.search(sources, scores=False)]
+    stream = t32.stream()
+    assert stream.step() == [] and len(stream) == 0 and stream.decoding == 0

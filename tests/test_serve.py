@@ -262,6 +262,89 @@ def test_the_batcher_skips_a_job_whose_request_went_away():
     assert [s for _, s in decode.calls] == [[[6]]]
 
 
+class Counting:
+    """A stream for tests: a source [n, ...] ends after n steps, with the sum of its ids;
+    it records the rows of every step and fails a step holding a source [13]."""
+
+    steps: list[list] = []  # every stream's steps, in order (each a list of keys)
+    lock = threading.Lock()
+
+    def __init__(self, seconds: float = 0.005):
+        self.rows: dict = {}
+        self.seconds = seconds
+
+    def add(self, key, source):
+        self.rows[key] = [source[0], sum(source), source]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def step(self):
+        with Counting.lock:
+            Counting.steps.append(sorted(self.rows))
+        time.sleep(self.seconds)
+        if any(row[2] == [13] for row in self.rows.values()):
+            raise RuntimeError("this step fails")
+        ended = []
+        for key, row in list(self.rows.items()):
+            row[0] -= 1
+            if row[0] <= 0:
+                ended.append((key, row[1]))
+                del self.rows[key]
+        return ended
+
+
+def greedy(options):
+    return options.beam_size == 1
+
+
+def test_a_streaming_batcher_lets_sentences_join_and_leave_between_steps():
+    Counting.steps = []
+    decode = Recorder()
+    batcher = Batcher(decode, workers=1, wait=0.3, stream=Counting, streams=greedy)
+    try:
+        long = batcher.submit([[40, 1]], Options(1))
+        while not Counting.steps:
+            time.sleep(0.001)
+        short = batcher.submit([[3], [2, 5]], Options(1))
+        beam = batcher.submit([[7]], Options(4))  # not streamed: a batch between two steps
+        assert short.result(10) == [3, 7] and not long.done()
+        assert beam.result(10) == [28] and not long.done()
+        assert long.result(10) == [41]
+    finally:
+        batcher.close()
+    # The short job joined the long one's rows, and left them first.
+    both = [step for step in Counting.steps if len(step) > 1]
+    assert 1 <= len(both) <= 3 and len(Counting.steps) == 40
+    assert decode.calls == [(Options(4), [[7]])]
+    assert batcher.stats.jobs == 3 and batcher.stats.steps == 40 and batcher.stats.streaming == 0
+
+
+def test_a_streaming_batcher_shares_sentences_between_its_threads():
+    Counting.steps = []
+    batcher = Batcher(Recorder(), workers=2, wait=0.3, stream=lambda: Counting(0.02), streams=greedy)
+    try:
+        futures = [batcher.submit([[5, i]], Options(1)) for i in range(8)]
+        assert [f.result(10) for f in futures] == [[5 + i] for i in range(8)]
+    finally:
+        batcher.close()
+    # Each thread's stream holds about half of the sentences in flight, never all of them.
+    assert max(len(step) for step in Counting.steps) <= 5
+    assert batcher.stats.sentences == 8
+
+
+def test_a_streaming_batcher_survives_a_failing_step_and_finishes_when_closed():
+    batcher = Batcher(Recorder(), workers=1, wait=0.3, stream=Counting, streams=greedy)
+    bad = batcher.submit([[13]], Options(1))
+    with pytest.raises(RuntimeError, match="this step fails"):
+        bad.result(10)
+    assert batcher.submit([[2, 2]], Options(1)).result(10) == [4]
+    assert batcher.stats.errors == 1
+    queued = [batcher.submit([[20, i]], Options(1)) for i in range(3)]
+    batcher.close(timeout=10)
+    assert [f.result(0) for f in queued] == [[20 + i] for i in range(3)]
+
+
 def test_a_sentence_decodes_the_same_alone_and_in_a_batch(translators, sentences):
     """What the batching rests on: in a batch with others (padded, sorted by length) a
     sentence gets the same hypotheses as alone, greedy and with beam search."""

@@ -16,6 +16,7 @@ from transformer.config import DecodeConfig, check_nbest
 from transformer.data.batching import pad_sequences, padding_mask
 from transformer.data.tokenizers import Tokenizer
 from transformer.inference.sentences import SentenceTranslator
+from transformer.inference.stream import GreedyStream
 from transformer.inference.search import (
     Hypothesis,
     beam_search,
@@ -70,6 +71,14 @@ class Translator(SentenceTranslator):
         dev = resolve_device(device)
         model, tokenizer, cfg = load_model(path, dev)
         return cls(model, tokenizer, dataclasses.replace(cfg.decode, **decode_overrides), dev)
+
+    def stream(self) -> GreedyStream:
+        """Greedy decoding with this translator's model and limits for sentences that
+        come and go (``GreedyStream``; what the server decodes greedy requests with)."""
+        self.model.eval()
+        tok = self.tokenizer
+        return GreedyStream(self.model, tok.bos_id, tok.eos_id, tok.pad_id, lambda n: self._length_limits([n])[0],
+                            self.device)
 
     def _limits(self, lengths: list[int]) -> torch.Tensor:
         """``_length_limits`` as a tensor, for the search functions."""

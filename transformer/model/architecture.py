@@ -216,19 +216,26 @@ class PositionalEncoding(nn.Module):
         self.dropout = Dropout(p=dropout)
         self.register_buffer("pe", sinusoid_table(max_len, d_model).unsqueeze(0), persistent=False)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        """Shape: x (B, T, d_model); positions offset .. offset+T-1."""
-        end = offset + x.size(1)
+    def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
+        """Shape: x (B, T, d_model); positions offset .. offset+T-1, where ``offset`` is
+        one number or one per row (B,) (rows that started decoding at different steps)."""
+        if isinstance(offset, Tensor):
+            positions = offset.view(-1, 1) + torch.arange(x.size(1), device=x.device)  # (B, T)
+            end = int(positions.max()) + 1
+            pe = self.pe[0, positions]
+        else:
+            end = offset + x.size(1)
+            pe = self.pe[:, offset:end]
         if end > self.pe.size(1):
             raise ValueError(f"sequence of {end} positions is longer than the positional table ({self.pe.size(1)})")
-        return self.dropout(x + self.pe[:, offset:end].to(x.dtype))
+        return self.dropout(x + pe.to(x.dtype))
 
 
 class TokenEmbedding(nn.Sequential):
     """``Embeddings`` followed by ``PositionalEncoding``, as the reference's ``nn.Sequential``,
     but able to start the positions at an offset (incremental decoding)."""
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:  # type: ignore[override]
         return self[1](self[0](x), offset=offset)
 
 
@@ -280,7 +287,7 @@ class EncoderDecoder(nn.Module):
 
     @overload
     def decode(
-        self, memory: Tensor, src_mask: Tensor, tgt: Tensor, tgt_mask: Tensor | None, cache: DecoderCache
+        self, memory: Tensor | None, src_mask: Tensor, tgt: Tensor, tgt_mask: Tensor | None, cache: DecoderCache
     ) -> tuple[Tensor, DecoderCache]: ...
 
     def decode(self, memory, src_mask, tgt, tgt_mask, cache=None):
@@ -290,7 +297,10 @@ class EncoderDecoder(nn.Module):
         states. With a cache (see ``DecoderCache.empty``), ``tgt`` holds only the new
         positions; earlier keys and values come from the cache, the encoder-decoder keys
         and values are computed once, and the updated cache is returned with the states.
-        A ``tgt_mask`` of None then means "causal among the new positions".
+        A ``tgt_mask`` of None then means "causal among the new positions". Once the
+        cache holds the encoder-decoder keys and values, ``memory`` is not read (it may be
+        None). A cache whose ``length`` is a tensor holds rows at different steps: each
+        row gets its own positions, and attends to its own keys only.
 
         Shape:
             memory (B, S, d_model), src_mask (B, 1, S), tgt (B, T_new),
@@ -299,15 +309,22 @@ class EncoderDecoder(nn.Module):
         if cache is None:
             return self.decoder(self.tgt_embed(tgt), memory, src_mask, tgt_mask)
         past, new = cache.length, tgt.size(1)
-        if tgt_mask is None and new > 1:
+        if tgt_mask is None and isinstance(past, Tensor):
+            tgt_mask = cache.self_attention_mask(new)
+        elif tgt_mask is None and new > 1:
             tgt_mask = torch.ones(1, new, past + new, dtype=torch.bool, device=tgt.device).tril(diagonal=past)
         x = self.decoder(self.tgt_embed(tgt, offset=past), memory, src_mask, tgt_mask, cache)
         cache.length = past + new
         return x, cache
 
-    def new_cache(self) -> DecoderCache:
-        """An empty cache for incremental decoding with this model."""
-        return DecoderCache.empty(len(self.decoder.layers))
+    def new_cache(self, memory: Tensor | None = None) -> DecoderCache:
+        """An empty cache for incremental decoding with this model; given the encoder
+        output ``memory``, with its encoder-decoder keys and values made already."""
+        cache = DecoderCache.empty(len(self.decoder.layers))
+        if memory is not None:
+            for layer, layer_cache in zip(self.decoder.layers, cache.layers):
+                layer_cache.src_attn.update(*layer.src_attn.keys_values(memory, memory))
+        return cache
 
     def logits(self, x: Tensor) -> Tensor:
         """The output layer's scores before the log-softmax (argmax and top-k need no more).

@@ -97,11 +97,18 @@ class MultiHeadedAttention(nn.Module):
         if cache is not None and cache.ready:  # encoder-decoder keys and values, made at the first step
             k, v = cache.k, cache.v
         else:
-            k, v = self._heads(self.linears[1](key)), self._heads(self.linears[2](value))
+            k, v = self.keys_values(key, value)
             if cache is not None:
                 k, v = cache.update(k, v)
         x = attend(q, k, v, mask, self.dropout, self.use_sdpa)  # (B, h, T_q, d_k)
         return self.linears[3](x.transpose(1, 2).reshape(query.shape))  # concatenate the heads
+
+    def keys_values(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """The projected keys and values of every head.
+
+        Shape: key, value (B, T_k, d_model) -> (B, h, T_k, d_k) each.
+        """
+        return self._heads(self.linears[1](key)), self._heads(self.linears[2](value))
 
     def weights(self, query: Tensor, key: Tensor, mask: Tensor | None = None) -> Tensor:
         """The attention weights of every head for these inputs (for pictures).

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "threads and decoding its own batches (default: 2 on a CPU with two threads or more)")
     batching.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a request may wait for others "
                           "to share its batch (default 10)")
+    batching.add_argument("--static-batches", action="store_true", help="decode greedy requests in batches that "
+                          "end together, as beam search's, instead of letting sentences join and leave the rows being "
+                          "decoded at every step (continuous batching, the default)")
     batching.add_argument("--batch-tokens", type=_positive(int), help="padded source tokens in a batch, at most "
                           "(default: the checkpoint's decode.batch_tokens)")
     limits = parser.add_argument_group("limits of one request")
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                  if getattr(args, k) is not None}
     limits = Limits(args.max_chars, args.max_sentences, args.max_body_bytes, args.max_beam_size,
                     args.max_attention_tokens)
-    batching = Batching(workers=workers, threads=max(1, threads // workers), wait_ms=args.batch_wait_ms)
+    batching = Batching(workers=workers, threads=max(1, threads // workers), wait_ms=args.batch_wait_ms,
+                        continuous=not args.static_batches)
     try:
         sock = _listen(args.host, args.port)
     except OSError as e:

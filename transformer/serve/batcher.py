@@ -14,6 +14,14 @@ scores): those are one ``Translator.search`` call. What a job gets back does not
 depend on the others (the batch's sentences are decoded independently, which
 ``tests/test_serve.py`` checks against each sentence decoded alone).
 
+With a ``stream`` (greedy decoding, see ``transformer.inference.stream``), the jobs
+whose options it takes are not gathered into batches: each decoding thread keeps a
+stream, and queued sentences join its rows between two decoding steps and leave as
+soon as they end. A thread takes queued jobs for its stream up to an even share of all
+the sentences in flight, so two threads decode about as many rows each. Other jobs are
+gathered and decoded as above, between two steps (without waiting for others while
+the stream has rows).
+
 ``close`` refuses new jobs, lets the threads finish every job already queued, and
 joins them: a server that stops lets its in-flight requests finish.
 """
@@ -66,11 +74,13 @@ class Stats:
     jobs: int = 0  # submitted jobs decoded (calls aside)
     sentences: int = 0
     batches: int = 0  # Translator.search calls
+    steps: int = 0  # stream steps
     calls: int = 0
     errors: int = 0
     largest_batch: int = 0  # sentences
     queued: int = 0  # jobs waiting now
-    busy: int = 0  # threads decoding now
+    busy: int = 0  # threads decoding a batch now
+    streaming: int = 0  # sentences in the streams now
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -89,7 +99,12 @@ class Batcher:
         wait: seconds a job may wait for others to join its batch.
         batch_tokens: a batch is decoded at once when its padded source tokens
             (sentences × the longest) would pass this.
-        batch_size: sentences in a batch, at most (a larger job goes alone).
+        batch_size: sentences in a batch, at most (a larger job goes alone); also the
+            rows of a stream, at most.
+        stream: makes a stream (called once in each decoding thread): ``add(key,
+            source)``, ``step() -> [(key, result), ...]`` for the sentences that ended,
+            ``len()`` the sentences in it.
+        streams: whether a job with these options goes to the stream.
     """
 
     decode: Callable[[Hashable, list[list[int]]], list]
@@ -98,6 +113,8 @@ class Batcher:
     wait: float = 0.005
     batch_tokens: int = 8192
     batch_size: int = 256
+    stream: Callable[[], Any] | None = None
+    streams: Callable[[Hashable], bool] = lambda options: False
     stats: Stats = field(default_factory=Stats)
 
     def __post_init__(self):
@@ -107,8 +124,10 @@ class Batcher:
         self._cond = threading.Condition()
         self._closing = False
         self._gathering = 0  # threads waiting in _take (for sharing a burst between them)
+        self._in_streams = [0] * self.workers  # sentences in each thread's stream
         self._threads = [
-            threading.Thread(target=self._run, name=f"decode-{i}", daemon=True) for i in range(self.workers)
+            threading.Thread(target=self._run, args=(i,), name=f"decode-{i}", daemon=True)
+            for i in range(self.workers)
         ]
         for t in self._threads:
             t.start()
@@ -142,13 +161,109 @@ class Batcher:
     def closing(self) -> bool:
         return self._closing
 
-    def _run(self) -> None:
+    def _run(self, worker: int) -> None:
         if self.threads is not None:
             import torch
 
             torch.set_num_threads(self.threads)  # this thread's, once
+        if self.stream is not None:
+            self._run_stream(worker)
+            return
         while (jobs := self._take()) is not None:
             self._process(jobs)
+
+    def _run_stream(self, worker: int) -> None:
+        """Step this thread's stream while it has sentences; take queued jobs between steps."""
+        stream = self.stream()
+        jobs: dict[int, tuple[_Job, list]] = {}  # id(job) -> the job and its results so far
+        left: dict[int, int] = {}  # id(job) -> its sentences not ended yet
+        while (taken := self._take_for_stream(worker, len(stream))) is not None:
+            streamed, other = taken
+            for job in streamed:
+                if not job.future.set_running_or_notify_cancel():
+                    continue
+                jobs[id(job)], left[id(job)] = (job, [None] * len(job.sources)), len(job.sources)
+                for i, source in enumerate(job.sources):
+                    stream.add((id(job), i), source)
+            if other:
+                self._process(other)
+            if not len(stream):
+                continue
+            try:
+                ended = stream.step()
+            except Exception as e:  # the thread lives on with a new stream; its jobs fail
+                log.exception("decoding failed")
+                for job, _ in jobs.values():
+                    job.future.set_exception(e)
+                with self._cond:
+                    self.stats.errors += 1
+                    self._in_streams[worker] = 0
+                jobs.clear()
+                left.clear()
+                stream = self.stream()
+                continue
+            done = []
+            for (key, i), result in ended:
+                jobs[key][1][i] = result
+                left[key] -= 1
+                if not left[key]:
+                    done.append(jobs.pop(key))
+                    del left[key]
+            with self._cond:
+                self.stats.steps += 1
+                self._in_streams[worker] = len(stream)
+                self.stats.streaming = sum(self._in_streams)
+                for job, results in done:
+                    self.stats.jobs += 1
+                    self.stats.sentences += len(results)
+            for job, results in done:
+                job.future.set_result(results)
+
+    def _take_for_stream(self, worker: int, in_stream: int) -> tuple[list[_Job], list[_Job]] | None:
+        """Jobs for this thread's stream (up to its share of the sentences in flight), and
+        a batch of other jobs; None when closed with nothing queued or streaming. Waits
+        only while the stream is empty."""
+        with self._cond:
+            self._in_streams[worker] = in_stream
+            self._gathering += 1
+            try:
+                while True:
+                    if not self._queue:
+                        if in_stream:
+                            return [], []
+                        if self._closing:
+                            return None
+                        self._cond.wait()
+                        continue
+                    first = self._queue[0]
+                    if first.call is None and self.streams(first.options):
+                        return self._stream_share(worker, in_stream), []
+                    if first.call is not None:
+                        return [], [self._pop(first)]
+                    same = [j for j in self._queue if j.options == first.options]
+                    left = first.arrived + self.wait - time.monotonic()
+                    if in_stream or self._closing or left <= 0 or self._full(same):
+                        return [], self._split(same)
+                    self._cond.wait(left)
+            finally:
+                self._gathering -= 1
+                self.stats.queued = len(self._queue)
+
+    def _stream_share(self, worker: int, in_stream: int) -> list[_Job]:
+        """The queued stream jobs, oldest first, that bring this thread's stream up to an
+        even share of all the sentences in flight (one job at least when it is empty),
+        within ``batch_size``."""
+        queued = [j for j in self._queue if j.call is None and self.streams(j.options)]
+        total = sum(self._in_streams) + sum(len(j.sources) for j in queued)
+        share = min(self.batch_size, math.ceil(total / self.workers))
+        taken: list[_Job] = []
+        for job in queued:
+            if (taken or in_stream) and in_stream + len(job.sources) > share:
+                break
+            taken.append(self._pop(job))
+            in_stream += len(job.sources)
+        self._in_streams[worker] = in_stream
+        return taken
 
     def _take(self) -> list[_Job] | None:
         """The next batch: the oldest job and the queued jobs with its options, once the

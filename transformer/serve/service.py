@@ -45,6 +45,12 @@ class Batching:
     workers: int = 1
     threads: int | None = None  # torch threads of each decoding thread
     wait_ms: float = 10.0  # how long a request may wait for others to join its batch
+    continuous: bool = True  # greedy sentences join and leave the rows being decoded at every step
+
+
+def _streamed(options: Options) -> bool:
+    """Whether a job goes to a ``GreedyStream``: greedy, one hypothesis, no scores."""
+    return options.beam_size == 1 and options.nbest == 1 and not options.scores
 
 
 class ApiError(Exception):
@@ -82,9 +88,13 @@ class Service:
         self._translators: dict[int, Any] = {}
         self._lock = threading.Lock()
         # A batch is bounded as translate.py bounds one (decode.batch_tokens, batch_size).
+        # Greedy requests without scores stream through this package's decoder
+        # (``GreedyStream``); CTranslate2 batches them itself.
+        continuous = batching.continuous and translator.model is not None
         self.batcher = Batcher(
             self._decode, workers=batching.workers, threads=batching.threads, wait=batching.wait_ms / 1000,
             batch_tokens=translator.cfg.batch_tokens, batch_size=translator.cfg.batch_size,
+            stream=translator.stream if continuous else None, streams=_streamed,
         )
 
     @classmethod
