@@ -12,7 +12,10 @@ from torch import nn
 from transformer.fast.output_loss import output_layer_loss
 from transformer.model import Generator, sinusoid_table
 from transformer.training.loss import LabelSmoothing
-from transformer.training.schedule import make_scheduler, rate
+from transformer.config import TrainConfig
+from transformer.model import make_model
+from transformer.training.schedule import cooldown, make_scheduler, rate
+from transformer.training.trainer import Trainer
 
 # --------------------------------------------------------------------------- scaling
 
@@ -117,6 +120,35 @@ def test_make_scheduler_sets_lr_to_rate():
         opt.step()
         sched.step()
         assert opt.param_groups[0]["lr"] == pytest.approx(rate(n, d_model, factor, warmup), rel=1e-12)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 1.0])
+def test_the_cooldown_falls_linearly_to_zero_over_the_last_fraction(fraction):
+    assert cooldown(0.0, fraction) == 1.0 and cooldown(1.0, fraction) == (1.0 if fraction == 0 else 0.0)
+    assert cooldown(1.5, fraction) == (1.0 if fraction == 0 else 0.0)  # past the end: no negative rate
+    if fraction:
+        assert cooldown(1 - fraction, fraction) == 1.0
+        assert cooldown(1 - fraction / 4, fraction) == pytest.approx(0.25)
+
+
+def test_the_trainer_cools_the_rate_down_by_steps_or_by_the_clock():
+    torch.manual_seed(0)
+    model = make_model(11, 11, N=1, d_model=32, d_ff=64, h=4)
+    cfg = TrainConfig(max_steps=10, cooldown=0.4, warmup=3, lr_factor=2.0)
+    trainer = Trainer(model, cfg, pad_id=0, device=torch.device("cpu"))
+    rates = []
+    for _ in range(10):
+        trainer.optimizer_step()
+        rates.append(trainer.lr)
+    expected = [rate(n, 32, 2.0, 3) * min(1.0, (1 - n / 10) / 0.4) for n in range(1, 11)]
+    assert rates == pytest.approx(expected, rel=1e-12)
+    assert rates[5] == pytest.approx(rate(6, 32, 2.0, 3)) and rates[-1] == 0.0
+    # By the clock: 45 of 60 seconds spent, half of the last half of the run.
+    trainer = Trainer(model, TrainConfig(max_minutes=1.0, cooldown=0.5, warmup=3), pad_id=0,
+                      device=torch.device("cpu"))
+    trainer.stopping.elapsed = lambda state: 45.0
+    trainer.optimizer_step()
+    assert trainer.lr == pytest.approx(rate(1, 32, 1.0, 3) * 0.5)
 
 
 # --------------------------------------------------------------------------- label smoothing

@@ -34,10 +34,13 @@ def records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stop_at", [6, 8, 10])  # inside an epoch; at a validation; at an epoch's end
-def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, stop_at):
+@pytest.mark.parametrize("stop_at, extra", [
+    (6, []), (8, []), (10, []),  # inside an epoch; at a validation; at an epoch's end
+    (7, ["train.cooldown=0.5"]),  # inside the cooldown, which counts steps from the start
+])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, stop_at, extra):
     whole = tmp_path / "whole"
-    run_training(config(whole))
+    run_training(config(whole, *extra))
 
     interrupted = tmp_path / "interrupted"
     train_step = Trainer.train_step
@@ -49,7 +52,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, stop_at):
         return out
 
     monkeypatch.setattr(Trainer, "train_step", stop_after)
-    first = run_training(config(interrupted))
+    first = run_training(config(interrupted, *extra))
     assert first.interrupted == signal.SIGINT
     assert load_checkpoint(interrupted / "last.pt")["step"] == stop_at
     monkeypatch.setattr(Trainer, "train_step", train_step)

@@ -99,6 +99,11 @@ class TrainConfig:
     label_smoothing: float = 0.1
     lr_factor: float = 1.0  # the Noam schedule's factor
     warmup: int = 4000  # optimizer steps to the schedule's peak
+    # The last fraction of the run over which the learning rate falls linearly to 0 (a
+    # cooldown), the run being train.max_steps or train.max_minutes, whichever ends it
+    # first; 0: the Noam schedule alone. By max_minutes the rate follows the clock, so
+    # two runs differ in their last steps.
+    cooldown: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-9
     weight_decay: float = 0.0
@@ -250,6 +255,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"'model.d_model' must be even for sinusoidal positions, got {m.d_model}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"'model.dropout' must be in [0, 1), got {m.dropout}")
+    if not 0.0 <= t.cooldown <= 1.0:
+        raise ConfigError(f"'train.cooldown' must be in [0, 1], got {t.cooldown}")
+    if t.cooldown and t.max_steps is None and t.max_minutes is None:
+        raise ConfigError("'train.cooldown' needs the run's length: set train.max_steps or train.max_minutes")
     if not 0.0 <= t.label_smoothing < 1.0:
         raise ConfigError(f"'train.label_smoothing' must be in [0, 1), got {t.label_smoothing}")
     for key, value in optional.items():

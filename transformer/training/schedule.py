@@ -1,6 +1,9 @@
-"""The optimizer and the learning-rate schedule of "Attention Is All You Need" (the "Noam" schedule)."""
+"""The optimizer and the learning-rate schedule of "Attention Is All You Need" (the "Noam"
+schedule), with an optional cooldown to zero at the end of a run of known length."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -29,7 +32,22 @@ def rate(step: int, model_size: int, factor: float, warmup: int) -> float:
     return factor * model_size ** (-0.5) * min(step ** (-0.5), step * warmup ** (-1.5))
 
 
-def make_scheduler(optimizer: Optimizer, model_size: int, factor: float, warmup: int) -> LambdaLR:
-    """A ``LambdaLR`` that sets the learning rate to ``rate(step)`` (the optimizer's base lr
-    should be 1). Call its ``step()`` once per optimizer step, not per micro-batch."""
-    return LambdaLR(optimizer, lr_lambda=lambda step: rate(step, model_size, factor, warmup))
+def cooldown(progress: float, fraction: float) -> float:
+    """The factor of the learning rate when ``progress`` (0 to 1) of the run is done: 1,
+    then falling linearly to 0 over the last ``fraction`` of the run (1 throughout when
+    ``fraction`` is 0).
+
+    A rate that reaches zero as the budget ends does better than one cut off while still
+    high, for the same number of steps (Li et al., 2020, "Budgeted Training").
+    """
+    if fraction <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (1.0 - progress) / fraction))
+
+
+def make_scheduler(optimizer: Optimizer, model_size: int, factor: float, warmup: int,
+                   scale: Callable[[], float] = lambda: 1.0) -> LambdaLR:
+    """A ``LambdaLR`` that sets the learning rate to ``rate(step) * scale()`` (the
+    optimizer's base lr should be 1). Call its ``step()`` once per optimizer step, not per
+    micro-batch."""
+    return LambdaLR(optimizer, lr_lambda=lambda step: rate(step, model_size, factor, warmup) * scale())

@@ -27,7 +27,7 @@ from transformer.model.architecture import EncoderDecoder
 from transformer.runtime import autocast
 from transformer.training.distributed import Distributed
 from transformer.training.loss import LabelSmoothing
-from transformer.training.schedule import make_optimizer, make_scheduler
+from transformer.training.schedule import cooldown, make_optimizer, make_scheduler
 from transformer.training.state import Stopping, TrainState, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -91,17 +91,30 @@ class Trainer:
         self.forward = _compiled(self.ddp or model, device) if cfg.compile else (self.ddp or model)
         self.criterion = LabelSmoothing(model.tgt_vocab, pad_id, cfg.label_smoothing)
         self.optimizer = make_optimizer(model, cfg)
-        self.scheduler = make_scheduler(self.optimizer, model.d_model, cfg.lr_factor, cfg.warmup)
         autocast(device, cfg.amp)  # fail now, not at the first step, on an impossible setting
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.state = TrainState(epoch_loss=torch.zeros((), device=device))
         self.stopping = Stopping(cfg, self.dist.enabled)
+        self._train_seconds = 0.0  # the time progress counts (all processes agree on it)
+        self.scheduler = make_scheduler(self.optimizer, model.d_model, cfg.lr_factor, cfg.warmup,
+                                        scale=lambda: cooldown(self.progress, cfg.cooldown))
         self.callbacks = list(callbacks)
         self._epoch_start = self._paused = 0.0
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    @property
+    def progress(self) -> float:
+        """How much of the run is done: steps of ``train.max_steps`` or training time of
+        ``train.max_minutes``, whichever is further (0 when neither is set)."""
+        cfg, done = self.cfg, 0.0
+        if cfg.max_steps is not None:
+            done = self.state.step / cfg.max_steps
+        if cfg.max_minutes is not None:
+            done = max(done, self._train_seconds / (60 * cfg.max_minutes))
+        return done
 
     @property
     def group_size(self) -> int:
@@ -159,8 +172,10 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()  # once per optimizer step, not per micro-batch
         self.state.step += 1
+        if not self.dist.enabled:
+            self._train_seconds = self.stopping.elapsed(self.state)
+        self.scheduler.step()  # once per optimizer step, not per micro-batch
 
     def train_step(self, group: list[Batch], ntokens: int | None = None) -> tuple[Tensor, int]:
         """One optimizer step over this process's micro-batches; returns (summed loss, tokens).
@@ -184,7 +199,10 @@ class Trainer:
             return self.train_step(group)
         k = self.cfg.accum_steps
         mine = group[self.dist.rank * k:(self.dist.rank + 1) * k]
-        ntokens, *wishes = self.dist.sum([sum(b.ntokens for b in mine), *self.stopping.wishes(self.state)])
+        ntokens, seconds, *wishes = self.dist.sum([sum(b.ntokens for b in mine), self.stopping.elapsed(self.state),
+                                                   *self.stopping.wishes(self.state)])
+        # Every process steps with the same learning rate: the mean of their clocks.
+        self._train_seconds = seconds / self.dist.world_size
         loss, ntokens = self.train_step(mine, int(ntokens))
         self.stopping.agree(*wishes)
         return loss, ntokens
@@ -299,6 +317,7 @@ class Trainer:
         loss = torch.tensor(state["epoch_loss"] if self.dist.is_main else 0.0, device=self.device)
         self.state = TrainState(state["step"], state["epoch"], state["batch_in_epoch"], state["train_seconds"], loss,
                                 state["epoch_tokens"])
+        self._train_seconds = state["train_seconds"]
         ranks = state.get("rng_ranks", [{key: state[key] for key in ("rng_cpu", "rng_cuda") if key in state}])
         if len(ranks) != self.dist.world_size and self.dist.enabled:
             # One saved state for several processes would give them all the same dropout
