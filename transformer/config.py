@@ -99,10 +99,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     lr_factor: float = 1.0  # the Noam schedule's factor
     warmup: int = 4000  # optimizer steps to the schedule's peak
-    # The last fraction of the run over which the learning rate falls linearly to 0 (a
-    # cooldown), the run being train.max_steps or train.max_minutes, whichever ends it
-    # first; 0: the Noam schedule alone. By max_minutes the rate follows the clock, so
-    # two runs differ in their last steps.
+    # The last fraction of the run (train.max_steps or max_minutes, whichever ends it) over
+    # which the rate falls linearly to 0; 0: the Noam schedule alone. By max_minutes the
+    # rate follows the clock, so two runs differ in their last steps.
     cooldown: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-9
