@@ -217,15 +217,12 @@ class PositionalEncoding(nn.Module):
         self.register_buffer("pe", sinusoid_table(max_len, d_model).unsqueeze(0), persistent=False)
 
     def forward(self, x: Tensor, offset: int | Tensor = 0) -> Tensor:
-        """Shape: x (B, T, d_model); positions offset .. offset+T-1, where ``offset`` is
-        one number or one per row (B,) (rows that started decoding at different steps)."""
-        if isinstance(offset, Tensor):
+        """Shape: x (B, T, d_model); positions offset .. offset+T-1 (``offset`` (B,): per row)."""
+        if isinstance(offset, Tensor):  # rows that started decoding at different steps
             positions = offset.view(-1, 1) + torch.arange(x.size(1), device=x.device)  # (B, T)
-            end = int(positions.max()) + 1
-            pe = self.pe[0, positions]
+            end, pe = int(positions.max()) + 1, self.pe[0, positions]
         else:
-            end = offset + x.size(1)
-            pe = self.pe[:, offset:end]
+            end, pe = offset + x.size(1), self.pe[:, offset:offset + x.size(1)]
         if end > self.pe.size(1):
             raise ValueError(f"sequence of {end} positions is longer than the positional table ({self.pe.size(1)})")
         return self.dropout(x + pe.to(x.dtype))
@@ -297,10 +294,8 @@ class EncoderDecoder(nn.Module):
         states. With a cache (see ``DecoderCache.empty``), ``tgt`` holds only the new
         positions; earlier keys and values come from the cache, the encoder-decoder keys
         and values are computed once, and the updated cache is returned with the states.
-        A ``tgt_mask`` of None then means "causal among the new positions". Once the
-        cache holds the encoder-decoder keys and values, ``memory`` is not read (it may be
-        None). A cache whose ``length`` is a tensor holds rows at different steps: each
-        row gets its own positions, and attends to its own keys only.
+        A ``tgt_mask`` of None then means "causal among the new positions" (and each row's
+        own keys, for rows at different steps); ``memory`` may then be None once cached.
 
         Shape:
             memory (B, S, d_model), src_mask (B, 1, S), tgt (B, T_new),
@@ -309,17 +304,14 @@ class EncoderDecoder(nn.Module):
         if cache is None:
             return self.decoder(self.tgt_embed(tgt), memory, src_mask, tgt_mask)
         past, new = cache.length, tgt.size(1)
-        if tgt_mask is None and isinstance(past, Tensor):
-            tgt_mask = cache.self_attention_mask(new)
-        elif tgt_mask is None and new > 1:
-            tgt_mask = torch.ones(1, new, past + new, dtype=torch.bool, device=tgt.device).tril(diagonal=past)
+        if tgt_mask is None:
+            tgt_mask = cache.self_attention_mask(new, tgt.device)
         x = self.decoder(self.tgt_embed(tgt, offset=past), memory, src_mask, tgt_mask, cache)
         cache.length = past + new
         return x, cache
 
     def new_cache(self, memory: Tensor | None = None) -> DecoderCache:
-        """An empty cache for incremental decoding with this model; given the encoder
-        output ``memory``, with its encoder-decoder keys and values made already."""
+        """An empty cache for decoding with this model (with ``memory``'s keys made already)."""
         cache = DecoderCache.empty(len(self.decoder.layers))
         if memory is not None:
             for layer, layer_cache in zip(self.decoder.layers, cache.layers):

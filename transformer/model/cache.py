@@ -104,13 +104,17 @@ class DecoderCache:
         k = self.layers[0].self_attn.k
         return 0 if k is None else k.size(2)
 
-    def self_attention_mask(self, new: int) -> Tensor:
-        """What ``new`` positions of each row may attend to when rows are at different
-        steps: the row's own cached keys and its new positions up to their own.
+    def self_attention_mask(self, new: int, device: torch.device) -> Tensor | None:
+        """What ``new`` positions may attend to: the cached keys of their own row and the
+        new positions up to their own (None: everything, one new position of rows all at
+        the same step).
 
-        Shape: -> (B, new, width + new).
+        Shape: -> (B or 1, new, width + new).
         """
-        width, device = self.width, self.length.device
+        if not isinstance(self.length, Tensor):
+            past = self.length
+            return torch.ones(1, new, past + new, dtype=torch.bool, device=device).tril(diagonal=past) if new > 1 else None
+        width = self.width
         columns = torch.arange(width + new, device=device)
         first = (width - self.length).view(-1, 1, 1)  # each row's first column
         last = width + torch.arange(new, device=device).view(1, -1, 1)  # causal among the new ones
@@ -133,6 +137,7 @@ class DecoderCache:
 
     @property
     def rows(self) -> int:
+        """The rows (sentences, or hypotheses) the cache holds."""
         if isinstance(self.length, Tensor):
             return self.length.numel()
         for layer in self.layers:
