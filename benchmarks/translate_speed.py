@@ -9,7 +9,10 @@ Decodes test_2016_flickr (1,000 sentences) in one process:
      given);
   3. batched, cached beam search (--beam-size, default 5, with the checkpoint's length
      penalty unless --length-penalty is given);
-  4. and 5. the same two with the weights in bf16 (--dtypes fp32,bf16 by default).
+  4. and 5. the same two with the weights in bf16 (--dtypes fp32,bf16 by default);
+     with --unpacked, greedy and beam in each dtype once more with the model's linear
+     layers as they are (translate.py packs their weights for oneDNN on the CPU,
+     transformer.fast.packed).
   6. the checkpoint exported to CTranslate2 (python -m transformer.export), decoded by its
      engine greedily and with the same beam, in float32 and int8 (--ctranslate2; bf16
      where CTranslate2 computes in bf16 on this CPU), with --ct2-workers inter-threads
@@ -49,8 +52,11 @@ from machine import describe  # noqa: E402
 from transformer.data.files import read_lines  # noqa: E402
 from transformer.data.multi30k import resolve_data_dir  # noqa: E402
 from transformer.fast.memory import keep_freed_memory  # noqa: E402
+from transformer.fast.packed import PackedLinear  # noqa: E402
 from transformer.inference.scoring import score  # noqa: E402
 from transformer.inference.translator import Translator, decoding_name  # noqa: E402
+from transformer.runtime import resolve_device  # noqa: E402
+from transformer.training.checkpoint import load_model  # noqa: E402
 
 
 def timed(translator: Translator, sources: list[list[int]]) -> tuple[float, list[list[int]], int]:
@@ -74,6 +80,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="sentences per batch (default: the checkpoint's)")
     parser.add_argument("--batch-tokens", type=int, default=None, help="source tokens per batch (default: the checkpoint's)")
     parser.add_argument("--workers", type=int, default=None, help="batches decoded at once (default: translate.py's)")
+    parser.add_argument("--unpacked", action="store_true",
+                        help="also decode with the linear layers unpacked (nn.Linear's product), for comparison")
     parser.add_argument("--repeat", type=int, default=5,
                         help="rounds: parts of the reference's way, and passes of each batched decoder (median)")
     parser.add_argument("--ctranslate2", default="auto",
@@ -90,21 +98,26 @@ def main() -> int:
     ref = read_lines(data / "test_2016_flickr.en.gz")[: args.limit]
     sizes = {k: v for k, v in (("batch_size", args.batch_size), ("batch_tokens", args.batch_tokens),
                                ("workers", args.workers)) if v is not None}
-    base = Translator.from_checkpoint(args.checkpoint, device=args.device, **sizes)
+    model, tokenizer, cfg = load_model(args.checkpoint, resolve_device(args.device))
+    base = Translator(model, tokenizer, dataclasses.replace(cfg.decode, **sizes), resolve_device(args.device),
+                      packed=False)
     sources = base.encode(src)
     alpha = base.cfg.length_penalty if args.length_penalty is None else args.length_penalty
     # The reference's way decodes one sentence after another, on all the threads.
     reference = dataclasses.replace(base.cfg, beam_size=1, batch_size=1, cache=False, workers=1)
-    setups = [("reference (1 sentence, no cache)", reference)]
-    for dtype in args.dtypes.split(","):
-        setups += [
-            (f"batched greedy, {dtype}", dataclasses.replace(base.cfg, beam_size=1, dtype=dtype)),
-            (f"batched beam {args.beam_size}, {dtype}",
-             dataclasses.replace(base.cfg, beam_size=args.beam_size, length_penalty=alpha, dtype=dtype)),
-        ]
+    setups = [("reference (1 sentence, no cache)", reference, False)]
+    for packed in (True, False) if args.unpacked else (True,):
+        for dtype in args.dtypes.split(","):
+            how = f"{dtype}" if packed else f"{dtype}, unpacked"
+            setups += [
+                (f"batched greedy, {how}", dataclasses.replace(base.cfg, beam_size=1, dtype=dtype), packed),
+                (f"batched beam {args.beam_size}, {how}",
+                 dataclasses.replace(base.cfg, beam_size=args.beam_size, length_penalty=alpha, dtype=dtype), packed),
+            ]
     describe(args.device)
     print(f"device {args.device}; {len(src)} sentences; {args.checkpoint}")
-    translators = [(name, cfg, Translator(base.model, base.tokenizer, cfg, base.device)) for name, cfg in setups]
+    translators = [(name, cfg, Translator(base.model, base.tokenizer, cfg, base.device, packed=packed))
+                   for name, cfg, packed in setups]
     scratch = tempfile.TemporaryDirectory(prefix="translate-speed-")
     translators += ctranslate2_setups(args, sizes, alpha, Path(scratch.name))
     print(f"{'decoding':<34} {'seconds':>8} {'sent/s':>8} {'tok/s':>8} {'speed-up':>9} {'BLEU':>6}  settings")
@@ -131,14 +144,15 @@ def main() -> int:
                    f"{t.compute_type} ({t.meta['quantization']} weights)"
                    + (f", {t.patience:g} x beam finished" if cfg.beam_size > 1 else ""))
         else:
-            how = f"{t.workers} worker(s), {cfg.dtype or 'fp32'}"
+            packed = any(isinstance(m, PackedLinear) for m in t.model.modules())
+            how = f"{t.workers} worker(s), {cfg.dtype or 'fp32'}{', packed' if packed else ''}"
         print(f"{name:<34} {seconds:8.1f} {len(src) / seconds:8.1f} {generated / seconds:8.0f} "
               f"{reference_seconds / seconds:8.1f}x {bleu:6.2f}  "
               f"{decoding_name(cfg)}, batch {cfg.batch_size} sentences / {cfg.batch_tokens} tokens, {how}; "
               + ("parts " if n == 0 else "passes ")
               + ", ".join(f"{p[0]:.2f}" for p in passes[name]) + " s")
     first = results[setups[0][0]]
-    for name, _ in setups[1:]:
+    for name, _, _ in setups[1:]:
         if "greedy" in name:
             same = sum(a == b for a, b in zip(first, results[name]))
             print(f"{name} == reference way: {same} of {len(first)} sentences identical")

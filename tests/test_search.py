@@ -3,15 +3,18 @@ n-best, ordering and bad input."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 
 import pytest
 import torch
+from torch import nn
 
 from transformer.config import DecodeConfig
 from transformer.data.batching import padding_mask
 from transformer.fast.decoding import LogitBuffer, encode_in_pieces, logsumexp_rows
+from transformer.fast.packed import PackedLinear, can_pack
 from transformer.inference.search import beam_search, greedy_decode, length_penalty, rescore
 from transformer.inference.translator import Translator
 from transformer.model import make_model
@@ -348,3 +351,59 @@ def test_a_stream_decodes_in_the_translators_dtype_and_empties():
     assert [h[0].tokens for h in found] == [h[0].tokens for h in t32.search(sources, scores=False)]
     stream = t32.stream()
     assert stream.step() == [] and len(stream) == 0 and stream.decoding == 0
+
+
+# --------------------------------------------------------------------------- packed weights
+
+needs_packing = pytest.mark.skipif(not can_pack(nn.Linear(2, 2)), reason="this torch has no oneDNN linear kernels")
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_packed_linear_computes_what_the_linear_computes(dtype, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 48, bias=bias).to(dtype)
+    packed = PackedLinear(linear)
+    with torch.inference_mode():
+        for shape in [(1, 32), (7, 32), (3, 5, 32), (300, 32)]:
+            x = torch.randn(shape, dtype=dtype)
+            tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(packed(x), linear(x), rtol=tolerance, atol=tolerance)
+    assert packed.weight is linear.weight and packed.bias is linear.bias
+    # A copy packs its own copy of the weight; a cast packs the cast weight.
+    copied = copy.deepcopy(packed)
+    assert copied.weight is not linear.weight and torch.equal(copied.weight, linear.weight)
+    as_double = copy.deepcopy(packed).double()  # a dtype oneDNN does not take: nn.Linear's product
+    with torch.inference_mode():
+        x = torch.randn(4, 32, dtype=dtype)
+        torch.testing.assert_close(copied(x), packed(x))
+        torch.testing.assert_close(as_double(x.double()), linear.double()(x.double()))
+
+
+@needs_packing
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_a_packed_translator_decodes_what_the_plain_one_decodes(beam_size):
+    """The default Translator decodes a packed copy (in float32); the outputs, scores
+    included, are those of the model as it is, which is left unpacked."""
+    m = model(seed=5).float()
+    cfg = DecodeConfig(beam_size=beam_size)
+    packed = Translator(m, Letters(), cfg, torch.device("cpu"))
+    plain = Translator(m, Letters(), cfg, torch.device("cpu"), packed=False)
+    assert any(isinstance(x, PackedLinear) for x in packed.model.modules())
+    assert not any(isinstance(x, PackedLinear) for x in m.modules()) and plain.model is m
+    sources = packed.encode(SENTENCES)
+    a, b = packed.search(sources), plain.search(sources)
+    assert [[h.tokens for h in hs] for hs in a] == [[h.tokens for h in hs] for hs in b]
+    assert [hs[0].score for hs in a if hs[0].tokens] == pytest.approx(
+        [hs[0].score for hs in b if hs[0].tokens], rel=1e-4)
+    found = run_stream(packed.stream(), sources, [i % 2 for i in range(len(sources))])
+    greedy = Translator(m, Letters(), DecodeConfig(beam_size=1), torch.device("cpu"), packed=False)
+    assert [h[0].tokens for h in found] == [hs[0].tokens for hs in greedy.search(sources, scores=False)]
+    # Tied weights stay tied, and the parameters are the model's own, by name.
+    assert dict(packed.model.named_parameters()).keys() == dict(m.named_parameters()).keys()
+    # A packed model cast to another dtype (a Translator with decode.dtype) packs anew.
+    bf16 = Translator(packed.model, Letters(), DecodeConfig(beam_size=beam_size, dtype="bf16"), torch.device("cpu"))
+    proj = bf16.model.generator.proj
+    assert isinstance(proj, PackedLinear) and proj.weight.dtype == torch.bfloat16 and proj.packed is not None
+    assert len(bf16.search(sources)) == len(sources)

@@ -9,6 +9,7 @@ to the plain version (the figures behind each choice are in docs/performance.md)
   training, with a hand-written backward;
 * ``decoding`` — the encoder run in pieces of sorted rows, the logits of every beam
   written into one buffer;
+* ``packed`` — linear layers with their weights laid out once for oneDNN, for decoding;
 * ``memory`` — glibc's malloc told to keep freed memory;
 * ``flops`` — model FLOPs counted by hand, to measure against the matmul peak.
 

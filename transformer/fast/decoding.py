@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from transformer.fast.packed import PackedLinear
 from transformer.model.architecture import EncoderDecoder
 
 
@@ -74,7 +75,8 @@ class LogitBuffer:
     def __call__(self, hidden: Tensor) -> Tensor:
         """Shape: hidden (R, d_model), R at most ``rows`` -> (R, V), a view of the buffer."""
         proj = self.model.generator.proj
-        if proj.bias is None or hidden.dtype != self.buffer.dtype or torch.is_autocast_enabled(hidden.device.type):
+        if (proj.bias is None or hidden.dtype != self.buffer.dtype or torch.is_autocast_enabled(hidden.device.type)
+                or isinstance(proj, PackedLinear)):
             return proj(hidden)
         return torch.addmm(proj.bias, hidden, proj.weight.t(), out=self.buffer[: hidden.size(0)])
 
