@@ -101,21 +101,38 @@ class TranslatePy:
         return len(self.sentences) / statistics.median(self.passes)
 
 
-def stream_speed(checkpoint: str, sentences: list[str], rows: int, workers: int = 2) -> float:
-    """Greedy sentences/s of ``workers`` threads of one torch thread each, each with a
-    ``GreedyStream`` holding ``rows`` sentences (of the sentences in random order) while
-    there are any left: what the server's decoding threads can give at most when
-    ``workers * rows`` requests are in flight."""
+def _no_http_speed(checkpoint: str, sentences: list[str], workers: int, decode) -> float:
+    """Greedy sentences/s of ``decode(translator, part)`` in ``workers`` threads of one
+    torch thread each, each on its share of the sentences in random order; the
+    Translator unpacked, as the server's."""
     import random
 
     import torch
 
-    translator = Translator.from_checkpoint(checkpoint, device="cpu", beam_size=1, workers=1)
+    translator = Translator.from_checkpoint(checkpoint, device="cpu", packed=False, beam_size=1, workers=1)
     sources = translator.encode(sentences)
     random.Random(0).shuffle(sources)
 
-    def decode(part: list[list[int]]) -> None:
+    def run(part: list[list[int]]) -> None:
         torch.set_num_threads(1)  # this benchmark thread's own setting
+        with torch.inference_mode():
+            decode(translator, part)
+
+    threads = [threading.Thread(target=run, args=(sources[i::workers],)) for i in range(workers)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(sources) / (time.perf_counter() - start)
+
+
+def stream_speed(checkpoint: str, sentences: list[str], rows: int, workers: int = 2) -> float:
+    """Each thread with a ``GreedyStream`` holding ``rows`` sentences while there are any
+    left: what the server's decoding threads can give at most when ``workers * rows``
+    requests are in flight."""
+
+    def decode(translator: Translator, part: list[list[int]]) -> None:
         stream, waiting = translator.stream(), iter(enumerate(part))
         while True:
             while len(stream) < rows and (item := next(waiting, None)) is not None:
@@ -124,42 +141,19 @@ def stream_speed(checkpoint: str, sentences: list[str], rows: int, workers: int 
                 return
             stream.step()
 
-    threads = [threading.Thread(target=decode, args=(sources[i::workers],)) for i in range(workers)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return len(sources) / (time.perf_counter() - start)
+    return _no_http_speed(checkpoint, sentences, workers, decode)
 
 
 def small_batch_speed(checkpoint: str, sentences: list[str], batch: int, workers: int = 2) -> float:
-    """Greedy sentences/s of the Translator alone on the sentences in random order, cut
-    into batches of ``batch``, decoded by ``workers`` threads of one torch thread each, as
-    the server's decoding threads decode them: the most its threads can give when no more
-    than ``workers * batch`` requests are in flight."""
-    import random
+    """Each thread decoding its sentences in batches of ``batch``, one after another: the
+    most static batches can give when no more than ``workers * batch`` requests are in
+    flight."""
 
-    import torch
+    def decode(translator: Translator, part: list[list[int]]) -> None:
+        for i in range(0, len(part), batch):
+            translator.search(part[i : i + batch], nbest=1, scores=False)
 
-    translator = Translator.from_checkpoint(checkpoint, device="cpu", beam_size=1, workers=1)
-    sources = translator.encode(sentences)
-    random.Random(0).shuffle(sources)
-    chunks = [sources[i : i + batch] for i in range(0, len(sources), batch)]
-
-    def decode(part: list[list[list[int]]]) -> None:
-        torch.set_num_threads(1)  # this benchmark thread's own setting
-        with torch.inference_mode():
-            for chunk in part:
-                translator.search(chunk, nbest=1, scores=False)
-
-    threads = [threading.Thread(target=decode, args=(chunks[i::workers],)) for i in range(workers)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return len(sources) / (time.perf_counter() - start)
+    return _no_http_speed(checkpoint, sentences, workers, decode)
 
 
 class ServerProcess:

@@ -73,11 +73,12 @@ class Translator(SentenceTranslator):
             self.workers = 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "auto", **decode_overrides) -> "Translator":
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", packed: bool = True,
+                        **decode_overrides) -> "Translator":
         """Load a checkpoint; ``decode_overrides`` replace fields of its decode config."""
         dev = resolve_device(device)
         model, tokenizer, cfg = load_model(path, dev)
-        return cls(model, tokenizer, dataclasses.replace(cfg.decode, **decode_overrides), dev)
+        return cls(model, tokenizer, dataclasses.replace(cfg.decode, **decode_overrides), dev, packed)
 
     def stream(self) -> GreedyStream:
         """Greedy decoding with this translator's model and limits for sentences that

@@ -117,7 +117,10 @@ class Service:
             dev = resolve_device(device)
             model, tokenizer, cfg = load_model(checkpoint, dev)
             decode = dataclasses.replace(cfg.decode, **decode_overrides, workers=1)
-            translator = Translator(model, tokenizer, decode, dev)
+            # Unpacked (nn.Linear's products): packing for oneDNN made no difference to the
+            # few-row steps of streams, and oneDNN keeps a kernel for every new shape, so
+            # the server's memory grew with the variety of requests (docs/serving.md).
+            translator = Translator(model, tokenizer, decode, dev, packed=False)
         if decode.beam_size > limits.max_beam_size:
             raise ValueError(f"the default beam size ({decode.beam_size}) is over --max-beam-size "
                              f"({limits.max_beam_size})")
@@ -141,7 +144,8 @@ class Service:
                     self._translators[beam_size] = base.with_decoding(beam_size=beam_size)
                 else:
                     cfg = dataclasses.replace(base.cfg, beam_size=beam_size)
-                    self._translators[beam_size] = Translator(base.model, base.tokenizer, cfg, base.device)
+                    self._translators[beam_size] = Translator(base.model, base.tokenizer, cfg, base.device,
+                                                              packed=False)
             return self._translators[beam_size]
 
     def _decode(self, options: Options, sources: list[list[int]]):
