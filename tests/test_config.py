@@ -62,7 +62,6 @@ def test_exponents_without_a_dot_are_numbers(tmp_path):
         ("data.copy.min_len=20", "data.copy.min_len"),
         ("train=5", "train"),
         ("train.cooldown=1.5", "train.cooldown"),
-        ("train.cooldown=0.2", "train.cooldown"),  # with no max_steps or max_minutes to count from
     ],
 )
 def test_bad_override_names_the_key(override, key):

@@ -151,6 +151,16 @@ def test_the_trainer_cools_the_rate_down_by_steps_or_by_the_clock():
     assert trainer.lr == pytest.approx(rate(1, 32, 1.0, 3) * 0.5)
 
 
+def test_a_cooldown_without_the_runs_length_says_so_and_keeps_the_rate(caplog):
+    model = make_model(11, 11, N=1, d_model=32, d_ff=64, h=4)
+    with caplog.at_level("WARNING"):
+        trainer = Trainer(model, TrainConfig(cooldown=0.5, warmup=3), pad_id=0, device=torch.device("cpu"))
+    assert "train.cooldown" in caplog.text and "max_steps" in caplog.text
+    for _ in range(4):
+        trainer.optimizer_step()
+    assert trainer.lr == pytest.approx(rate(4, 32, 1.0, 3))
+
+
 # --------------------------------------------------------------------------- label smoothing
 
 V, PAD = 7, 0

@@ -256,8 +256,6 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"'model.dropout' must be in [0, 1), got {m.dropout}")
     if not 0.0 <= t.cooldown <= 1.0:
         raise ConfigError(f"'train.cooldown' must be in [0, 1], got {t.cooldown}")
-    if t.cooldown and t.max_steps is None and t.max_minutes is None:
-        raise ConfigError("'train.cooldown' needs the run's length: set train.max_steps or train.max_minutes")
     if not 0.0 <= t.label_smoothing < 1.0:
         raise ConfigError(f"'train.label_smoothing' must be in [0, 1), got {t.label_smoothing}")
     for key, value in optional.items():

@@ -96,6 +96,9 @@ class Trainer:
         self.state = TrainState(epoch_loss=torch.zeros((), device=device))
         self.stopping = Stopping(cfg, self.dist.enabled)
         self._train_seconds = 0.0  # the time progress counts (all processes agree on it)
+        if cfg.cooldown and cfg.max_steps is None and cfg.max_minutes is None:
+            log.warning("train.cooldown is %g, but the run has no train.max_steps or train.max_minutes to "
+                        "count it from: the rate does not cool down", cfg.cooldown)
         self.scheduler = make_scheduler(self.optimizer, model.d_model, cfg.lr_factor, cfg.warmup,
                                         scale=lambda: cooldown(self.progress, cfg.cooldown))
         self.callbacks = list(callbacks)
