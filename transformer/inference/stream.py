@@ -3,8 +3,8 @@
 A batch decoded as a whole (``greedy_decode``) keeps its rows until its longest
 sentence ends, and a sentence that arrives meanwhile waits for the whole batch. In a
 ``GreedyStream`` sentences join the rows being decoded between two steps and leave as
-soon as they end, so every step decodes as many sentences as are waiting, and none waits
-for others to finish. The rows are then at different steps: the decoder cache holds
+soon as they end, so every step decodes every sentence in flight, and none waits for
+others to finish. The rows are then at different steps: the decoder cache holds
 each row's keys right-aligned with its own length (``DecoderCache.length`` as a tensor),
 and each row gets its own positions and attends to its own keys only.
 
