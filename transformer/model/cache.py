@@ -113,7 +113,9 @@ class DecoderCache:
         """
         if not isinstance(self.length, Tensor):
             past = self.length
-            return torch.ones(1, new, past + new, dtype=torch.bool, device=device).tril(diagonal=past) if new > 1 else None
+            if new == 1:
+                return None
+            return torch.ones(1, new, past + new, dtype=torch.bool, device=device).tril(diagonal=past)
         width = self.width
         columns = torch.arange(width + new, device=device)
         first = (width - self.length).view(-1, 1, 1)  # each row's first column

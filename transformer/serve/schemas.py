@@ -77,7 +77,8 @@ class ErrorBody(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "stopping"]
     uptime_s: float
-    batching: dict[str, int] = Field(description="jobs and sentences decoded, batches, stream steps, errors, jobs queued, threads busy with a batch, sentences streaming")
+    batching: dict[str, int] = Field(description="jobs and sentences decoded, batches, stream steps, errors, "
+                                     "jobs queued, threads busy with a batch, sentences streaming")
 
 
 # The statuses of refusals, documented with the body they come with (not FastAPI's default 422).
