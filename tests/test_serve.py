@@ -320,6 +320,16 @@ def test_a_streaming_batcher_lets_sentences_join_and_leave_between_steps():
     assert batcher.stats.jobs == 3 and batcher.stats.steps == 40 and batcher.stats.streaming == 0
 
 
+def test_without_a_stream_the_jobs_it_would_take_are_batched():
+    decode = Recorder()
+    batcher = Batcher(decode, workers=1, wait=0.01, streams=greedy)  # CTranslate2's case: no stream
+    try:
+        assert batcher.submit([[2, 3]], Options(1)).result(10) == [5]
+    finally:
+        batcher.close()
+    assert decode.calls == [(Options(1), [[2, 3]])] and batcher.stats.steps == 0
+
+
 def test_a_streaming_batcher_shares_sentences_between_its_threads():
     Counting.steps = []
     batcher = Batcher(Recorder(), workers=2, wait=0.3, stream=lambda: Counting(0.02), streams=greedy)

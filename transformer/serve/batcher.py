@@ -169,15 +169,15 @@ class Batcher:
         if self.stream is not None:
             self._run_stream(worker)
             return
-        while (jobs := self._take()) is not None:
-            self._process(jobs)
+        while (taken := self._take(worker)) is not None:
+            self._process(taken[1])  # without a stream, every job is batched
 
     def _run_stream(self, worker: int) -> None:
         """Step this thread's stream while it has sentences; take queued jobs between steps."""
         stream = self.stream()
         jobs: dict[int, tuple[_Job, list]] = {}  # id(job) -> the job and its results so far
         left: dict[int, int] = {}  # id(job) -> its sentences not ended yet
-        while (taken := self._take_for_stream(worker, len(stream))) is not None:
+        while (taken := self._take(worker, len(stream))) is not None:
             streamed, other = taken
             for job in streamed:
                 if not job.future.set_running_or_notify_cancel():
@@ -219,10 +219,12 @@ class Batcher:
             for job, results in done:
                 job.future.set_result(results)
 
-    def _take_for_stream(self, worker: int, in_stream: int) -> tuple[list[_Job], list[_Job]] | None:
+    def _take(self, worker: int, in_stream: int = 0) -> tuple[list[_Job], list[_Job]] | None:
         """Jobs for this thread's stream (up to its share of the sentences in flight), and
-        a batch of other jobs; None when closed with nothing queued or streaming. Waits
-        only while the stream is empty."""
+        the next batch of other jobs: the oldest and the queued jobs with its options, once
+        the oldest has waited ``wait`` or they fill the budget (a call alone, at once).
+        None when closed with nothing queued or streaming. Waits only while the thread's
+        stream is empty (``in_stream`` sentences)."""
         with self._cond:
             self._in_streams[worker] = in_stream
             self._gathering += 1
@@ -236,7 +238,7 @@ class Batcher:
                         self._cond.wait()
                         continue
                     first = self._queue[0]
-                    if first.call is None and self.streams(first.options):
+                    if self._streamed(first):
                         return self._stream_share(worker, in_stream), []
                     if first.call is not None:
                         return [], [self._pop(first)]
@@ -249,11 +251,15 @@ class Batcher:
                 self._gathering -= 1
                 self.stats.queued = len(self._queue)
 
+    def _streamed(self, job: _Job) -> bool:
+        """Whether ``job`` goes to a stream (there is one, and it takes these options)."""
+        return self.stream is not None and job.call is None and self.streams(job.options)
+
     def _stream_share(self, worker: int, in_stream: int) -> list[_Job]:
         """The queued stream jobs, oldest first, that bring this thread's stream up to an
         even share of all the sentences in flight (one job at least when it is empty),
         within ``batch_size``."""
-        queued = [j for j in self._queue if j.call is None and self.streams(j.options)]
+        queued = [j for j in self._queue if self._streamed(j)]
         total = sum(self._in_streams) + sum(len(j.sources) for j in queued)
         share = min(self.batch_size, math.ceil(total / self.workers))
         taken: list[_Job] = []
@@ -264,30 +270,6 @@ class Batcher:
             in_stream += len(job.sources)
         self._in_streams[worker] = in_stream
         return taken
-
-    def _take(self) -> list[_Job] | None:
-        """The next batch: the oldest job and the queued jobs with its options, once the
-        oldest has waited ``wait`` or they fill the budget; None when closed and empty."""
-        with self._cond:
-            self._gathering += 1
-            try:
-                while True:
-                    if not self._queue:
-                        if self._closing:
-                            return None
-                        self._cond.wait()
-                        continue
-                    first = self._queue[0]
-                    if first.call is not None:
-                        return [self._pop(first)]
-                    same = [j for j in self._queue if j.options == first.options]
-                    left = first.arrived + self.wait - time.monotonic()
-                    if self._closing or left <= 0 or self._full(same):
-                        return self._split(same)
-                    self._cond.wait(left)
-            finally:
-                self._gathering -= 1
-                self.stats.queued = len(self._queue)
 
     def _full(self, jobs: list[_Job]) -> bool:
         sentences = sum(len(j.sources) for j in jobs)
