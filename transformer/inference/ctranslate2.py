@@ -215,22 +215,12 @@ class CTranslate2Translator(SentenceTranslator):
 
     # -- text <-> ids, as Translator ------------------------------------------------------
 
-    def encode(self, sentences: Sequence[str], first_line: int = 1) -> list[list[int]]:
-        """Source ids of each sentence (``</s>`` last where the tokenizer has one), cut
-        (with a warning) to the model's limit; none for an empty sentence.
-
-        A cut source keeps its ``</s>`` (CTranslate2 appends one to every source), where
-        ``Translator`` cuts it off with the rest.
-        """
-        sources = []
-        for n, sentence in enumerate(sentences, first_line):
-            ids = self.tokenizer.encode_src(sentence) if sentence.strip() else []
-            if len(ids) > self.max_positions:
-                log.warning("line %d has %d tokens; cut to the model's limit of %d", n, len(ids), self.max_positions)
-                ids = ids[: self.max_positions - 1] + [self.tokenizer.eos_id] if self.add_source_eos \
-                    else ids[: self.max_positions]
-            sources.append(ids)
-        return sources
+    def _cut(self, ids: list[int]) -> list[int]:
+        """An over-long source keeps its ``</s>`` (CTranslate2 appends one to every source),
+        where ``Translator`` cuts it off with the rest."""
+        if self.add_source_eos:
+            return ids[: self.max_positions - 1] + [self.tokenizer.eos_id]
+        return ids[: self.max_positions]
 
     # -- decoding -------------------------------------------------------------------------
 

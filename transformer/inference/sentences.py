@@ -1,5 +1,5 @@
 """What every decoding engine shares: sentences to batches and length limits, and the
-text methods built on an engine's ``encode`` and ``search``.
+text methods built on an engine's ``search``; sentences to ids (``encode``).
 
 ``Translator`` (this package's decoder) and ``CTranslate2Translator`` (an exported model)
 both derive from ``SentenceTranslator``, so they batch, bound and return translations
@@ -8,18 +8,22 @@ alike and differ only in how they search.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from transformer.config import DecodeConfig
 from transformer.data.tokenizers import Tokenizer
 
+log = logging.getLogger(__name__)
+
 
 class SentenceTranslator:
     """The engine-independent part of a translator.
 
     A subclass sets ``tokenizer``, ``cfg`` and ``max_positions`` and defines
-    ``encode(sentences, first_line)`` and ``search(sources, nbest, scores)``.
+    ``search(sources, nbest, scores)``; it may change how an over-long source is cut
+    (``_cut``).
     """
 
     tokenizer: Tokenizer
@@ -27,7 +31,25 @@ class SentenceTranslator:
     max_positions: int
 
     def encode(self, sentences: Sequence[str], first_line: int = 1) -> list[list[int]]:
-        raise NotImplementedError
+        """Source ids of each sentence, cut (with a warning) to the model's limit; none
+        for an empty sentence.
+
+        ``first_line`` numbers the sentences in the warnings.
+        """
+        sources = []
+        for n, sentence in enumerate(sentences, first_line):
+            # An empty line stays empty (no ids, so it is not decoded), although a
+            # tokenizer would encode it as a lone </s>.
+            ids = self.tokenizer.encode_src(sentence) if sentence.strip() else []
+            if len(ids) > self.max_positions:
+                log.warning("line %d has %d tokens; cut to the model's limit of %d", n, len(ids), self.max_positions)
+                ids = self._cut(ids)
+            sources.append(ids)
+        return sources
+
+    def _cut(self, ids: list[int]) -> list[int]:
+        """An over-long source within the model's limit: its first ``max_positions`` ids."""
+        return ids[: self.max_positions]
 
     def search(self, sources: Sequence[list[int]], nbest: int | None = None, scores: bool = True) -> list[list[Any]]:
         raise NotImplementedError

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +28,6 @@ from transformer.inference.search import (
 from transformer.model.architecture import EncoderDecoder
 from transformer.runtime import DTYPES, resolve_device
 from transformer.training.checkpoint import load_model
-
-log = logging.getLogger(__name__)
 
 
 class Translator(SentenceTranslator):
@@ -171,25 +168,6 @@ class Translator(SentenceTranslator):
         )
         for h, lp in zip(hyps, log_probs.tolist()):
             h.log_prob, h.score = lp, lp / length_penalty(h.length, self.cfg.length_penalty)
-
-    def encode(self, sentences: Sequence[str], first_line: int = 1) -> list[list[int]]:
-        """Source ids of each sentence, cut (with a warning) to the model's limit; none
-        for an empty sentence.
-
-        ``first_line`` numbers the sentences in the warnings.
-        """
-        sources = []
-        for n, sentence in enumerate(sentences, first_line):
-            # An empty line stays empty (no ids, so it is not decoded), although a
-            # tokenizer would encode it as a lone </s>.
-            ids = self.tokenizer.encode_src(sentence) if sentence.strip() else []
-            if len(ids) > self.max_positions:
-                log.warning(
-                    "line %d has %d tokens; cut to the model's limit of %d", n, len(ids), self.max_positions
-                )
-                ids = ids[: self.max_positions]
-            sources.append(ids)
-        return sources
 
 
 def decoding_name(cfg: DecodeConfig) -> str:
