@@ -22,7 +22,8 @@ Each round runs, one after another, in fresh processes:
     train.max_steps, train.log_every, train.device=cpu, no validation before the end
     (train.eval_every), no step-N.pt copies, greedy test scoring (decode.beam_size=1)
     and a run folder in the work folder;
-  * ours, fp32: the same with train.amp=none;
+  * ours, fp32: the same with train.amp=none (--amp picks other train.amp values, e.g.
+    ``--amp bf16-weights bf16 none``; the verdict is on the first);
   * Joey NMT 2.3.0 on the CPU in fp32 (its only CPU mode: its ``fp16`` switch is turned
     off on the CPU, and it has no bf16): ``python -m joeynmt train CONFIG --skip-test`` in
     a venv of its own, with a config that matches ours (below).
@@ -131,6 +132,7 @@ sys.path.insert(0, str(ROOT))
 
 from machine import describe  # noqa: E402
 
+from transformer.config import load_config  # noqa: E402
 from transformer.data.files import read_lines  # noqa: E402
 from transformer.data.multi30k import ensure_multi30k, resolve_data_dir  # noqa: E402
 
@@ -453,6 +455,9 @@ def main() -> int:
                         help="OMP_NUM_THREADS of both sides (default: every CPU)")
     parser.add_argument("--busy", type=float, default=0.10,
                         help="flag a run when others took more than this share of the CPUs (default 0.10)")
+    parser.add_argument("--amp", nargs="+", default=None, choices=["none", "bf16", "bf16-weights"],
+                        help="train.amp of our runs; the verdict is on the first (default: the default config's, "
+                             "then none)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps = 1, 15
@@ -475,6 +480,7 @@ def measure(args: argparse.Namespace) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
     torch_spec = args.torch or f"torch=={torch.__version__.split('+')[0]}"
 
+    ours = args.amp or list(dict.fromkeys([load_config(ROOT / "configs" / "multi30k.yaml").train.amp, "none"]))
     describe("cpu")
     python = ensure_venv(args.venv.expanduser(), torch_spec, args.torch_index_url, args.rebuild_venv)
     joey = joey_versions(python, env)
@@ -494,7 +500,7 @@ def measure(args: argparse.Namespace) -> int:
               f"(reports every {args.log_every}); a run is flagged when other processes took > {args.busy:.0%} "
               f"of the {len(cpus)} CPUs\n", flush=True)
 
-        kinds = ["ours bf16", "ours fp32", "Joey NMT fp32"]
+        kinds = [f"ours {amp}" for amp in ours] + ["Joey NMT fp32"]
         results: list[dict[str, dict[str, float]]] = []
         for r in range(1, args.rounds + 1):
             row = {}
@@ -502,7 +508,7 @@ def measure(args: argparse.Namespace) -> int:
                 name = kind.split()[0].lower() + ("-" + kind.split()[-1] if kind.startswith("ours") else "")
                 run_dir = work / f"{name}-r{r}"
                 if kind.startswith("ours"):
-                    cmd = ours_command(data, run_dir, "bf16" if "bf16" in kind else "none", args.steps, args.log_every)
+                    cmd = ours_command(data, run_dir, kind.split()[-1], args.steps, args.log_every)
                     parse = OursReports(args.log_every)
                 else:
                     config = work / f"{name}-r{r}.yaml"
@@ -535,19 +541,19 @@ def measure(args: argparse.Namespace) -> int:
         per_step[kind] = statistics.median(results[i][kind]["tok_step"] for i in used)
         cells = "".join(f"{row[kind]['tok_s']:>9,.0f}{'*' if row[kind]['flagged'] else ' '}" for row in results)
         print(f"{kind:<20}{cells}{medians[kind]:>10,.0f}{per_step[kind]:>10,.0f}")
-    joey_kind = kinds[2]
-    for kind in kinds[:2]:
+    joey_kind = kinds[-1]
+    for kind in kinds[:-1]:
         cells = "".join(f"{fmt_ratio(row[kind]['tok_s'], row[joey_kind]['tok_s']):>9}"
                         f"{'*' if i not in clean else ' '}" for i, row in enumerate(results))
         print(f"{kind + ' / Joey':<20}{cells}{fmt_ratio(medians[kind], medians[joey_kind]):>10}")
-    bf16 = medians["ours bf16"] / medians[joey_kind]
-    fp32 = medians["ours fp32"] / medians[joey_kind]
+    ratio = medians[f"ours {ours[0]}"] / medians[joey_kind]
+    fp32 = f"; fp32: {medians['ours none'] / medians[joey_kind]:.2f}x" if "ours none" in medians else ""
     skipped = len(results) - len(clean)
     if skipped:
         print(f"{skipped} of {len(results)} round(s) left out: other processes took CPU during them")
     how = f"{len(clean)} clean round(s)" if clean else "no clean round: the figures are not to be trusted"
-    verdict = "holds" if bf16 >= TARGET else "does not hold"
-    print(f"verdict: train.py (bf16) trains at {bf16:.2f}x Joey NMT's target tokens/s (fp32: {fp32:.2f}x): "
+    verdict = "holds" if ratio >= TARGET else "does not hold"
+    print(f"verdict: train.py (train.amp {ours[0]}) trains at {ratio:.2f}x Joey NMT's target tokens/s{fp32}: "
           f"the claim >= {TARGET:g}x {verdict} ({how}; medians of {args.steps} steps a run)")
     return 0
 

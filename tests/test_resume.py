@@ -37,6 +37,7 @@ def records(run_dir):
 @pytest.mark.parametrize("stop_at, extra", [
     (6, []), (8, []), (10, []),  # inside an epoch; at a validation; at an epoch's end
     (7, ["train.cooldown=0.5"]),  # inside the cooldown, which counts steps from the start
+    (6, ["train.amp=bf16-weights"]),  # the bf16 copy is made again from the fp32 weights
 ])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, stop_at, extra):
     whole = tmp_path / "whole"

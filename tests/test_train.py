@@ -112,6 +112,34 @@ def test_bf16_autocast_trains_on_cpu():
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_bf16_weights_train_a_bf16_copy_and_update_the_fp32_weights():
+    """train.amp bf16-weights: the steps run on a bf16 copy whose gradients, in fp32 and
+    summed in fp32 over micro-batches, are the fp32 gradients up to bf16 rounding (about
+    as close as bf16 autocast's); the model stays fp32, the copy follows it, and the
+    loss goes down."""
+    a, b = [[3, 4, 5, 6, 7], [2, 2, 9, 3, 4]], [[8, 9], [5, 3, 10], [7]]
+    found = {}
+    for amp in ("none", "bf16", "bf16-weights"):
+        model = tiny_model()
+        trainer = Trainer(model, TrainConfig(amp=amp, accum_steps=2), 0, torch.device("cpu"))
+        trainer.accumulate([make_batch(a), make_batch(b)])
+        found[amp] = torch.cat([g.flatten() for g in grads(model)])
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert all(p.dtype == torch.bfloat16 and p.grad is None for p in trainer.bf16_copy.copy.parameters())
+    error = {amp: float((found[amp] - found["none"]).norm() / found["none"].norm()) for amp in ("bf16", "bf16-weights")}
+    assert error["bf16-weights"] < min(0.05, 3 * error["bf16"]), error
+    model = tiny_model()
+    trainer = Trainer(model, TrainConfig(amp="bf16-weights", warmup=5, lr_factor=1.0), 0, torch.device("cpu"))
+    batch = make_batch([[3, 4, 5, 6, 7, 8]] * 8)
+    before = trainer.evaluate([batch])
+    for _ in range(20):
+        trainer.train_step([batch])
+    assert trainer.evaluate([batch]) < before
+    trainer.bf16_copy.pull()
+    for p, c in zip(model.parameters(), trainer.bf16_copy.copy.parameters()):
+        assert torch.equal(c, p.to(torch.bfloat16))
+
+
 @pytest.mark.slow
 def test_compiled_training_matches_eager():
     """train.compile gives the eager run's losses and weights, dropout included (it draws

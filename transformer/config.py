@@ -86,7 +86,8 @@ class TrainConfig:
 
     seed: int = 1234
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
-    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype; fp16 only on CUDA
+    # bf16/fp16: autocast (fp16 on CUDA only); bf16-weights: a bf16 copy of the model with fp32 master weights
+    amp: Literal["none", "bf16", "fp16", "bf16-weights"] = "none"
     epochs: int = 10
     max_steps: int | None = None  # stop after this many optimizer steps
     max_minutes: float | None = None  # stop after this much training time (wall clock)

@@ -12,6 +12,7 @@ from transformer.config import ConfigError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPES = {"fp32": torch.float32, **AMP_DTYPES}
+AMP_DTYPES["bf16-weights"] = torch.bfloat16  # training on a bf16 copy; autocast where the fp32 model runs
 
 
 def resolve_device(name: str) -> torch.device:

@@ -27,6 +27,7 @@ from transformer.model.architecture import EncoderDecoder
 from transformer.runtime import autocast
 from transformer.training.distributed import Distributed
 from transformer.training.loss import LabelSmoothing
+from transformer.training.precision import Bf16Copy
 from transformer.training.schedule import cooldown, make_optimizer, make_scheduler
 from transformer.training.state import Stopping, TrainState, rng_state, set_rng_state
 
@@ -85,10 +86,14 @@ class Trainer:
                  dist: Distributed | None = None, callbacks: Sequence[Callback] = ()):
         self.model, self.cfg, self.device = model, cfg, device
         self.dist = dist if dist is not None else Distributed(device=device)
+        # What training steps run on: the model, or its bf16 copy (train.amp bf16-weights,
+        # transformer.training.precision) whose gradients go to the model's fp32 weights.
+        self.bf16_copy = Bf16Copy(model) if cfg.amp == "bf16-weights" else None
+        self.net = self.bf16_copy.copy if self.bf16_copy else model
         # DDP all-reduces the gradients; self.model stays the plain module (checkpoints
         # hold no "module." prefix). Training steps call self.forward.
-        self.ddp = self.dist.wrap(model)
-        self.forward = _compiled(self.ddp or model, device) if cfg.compile else (self.ddp or model)
+        self.ddp = self.dist.wrap(self.net)
+        self.forward = _compiled(self.ddp or self.net, device) if cfg.compile else (self.ddp or self.net)
         self.criterion = LabelSmoothing(model.tgt_vocab, pad_id, cfg.label_smoothing)
         self.optimizer = make_optimizer(model, cfg)
         autocast(device, cfg.amp)  # fail now, not at the first step, on an impossible setting
@@ -131,12 +136,13 @@ class Trainer:
             train: run the training forward pass (through DDP and ``torch.compile``
                 when they are on).
         """
-        net = self.forward if train else self.model
-        with autocast(self.device, self.cfg.amp):
+        net, model = (self.forward, self.net) if train else (self.model, self.model)
+        amp = "none" if model is not self.model else self.cfg.amp  # the bf16 copy needs no autocast
+        with autocast(self.device, amp):
             out = net(batch.src, batch.tgt_in, batch.src_mask, batch.tgt_mask)  # (B, T, d_model)
             # Only real target positions go through the (large) output layer.
             real = batch.tgt_out != self.criterion.padding_idx
-            return output_layer_loss(self.criterion, out[real], self.model.generator, batch.tgt_out[real])
+            return output_layer_loss(self.criterion, out[real], model.generator, batch.tgt_out[real])
 
     def accumulate(self, group: list[Batch], ntokens: int | None = None) -> tuple[Tensor, int]:
         """Forward and backward over a group of micro-batches, adding to the gradients.
@@ -158,12 +164,16 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         if ntokens == 0:
             return total, 0
+        if self.bf16_copy:
+            self.bf16_copy.pull()
         for i, batch in enumerate(group):
             # DDP all-reduces during the backward pass: only once, for the last micro-batch.
             last = i == len(group) - 1
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 loss = self.loss(batch.to(self.device, non_blocking=True), train=True)
                 self.scaler.scale(loss * self.dist.world_size / ntokens).backward()
+            if self.bf16_copy:
+                self.bf16_copy.push_grads()  # summed in fp32 over the micro-batches
             total += loss.detach()
         return total, ntokens
 
