@@ -559,13 +559,16 @@ def test_a_copy_task_checkpoint_translates_its_symbols_and_refuses_languages(cop
         server.stop()
 
 
-def test_the_command_reports_a_bad_checkpoint_and_a_bad_port(tmp_path, checkpoint):
+def test_the_command_reports_a_bad_checkpoint_port_and_device(tmp_path, checkpoint):
     result = subprocess.run([sys.executable, "-m", "transformer.serve", "--checkpoint", str(tmp_path / "none.pt")],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "error:" in result.stderr and "no such checkpoint file" in result.stderr
     result = subprocess.run([sys.executable, "-m", "transformer.serve", "--checkpoint", str(checkpoint),
                              "--port", "70000"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--port" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "transformer.serve", "--checkpoint", str(checkpoint),
+                             "--device", "tpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "error: --device: unknown device 'tpu'" in result.stderr
 
 
 # -- the page, in a real browser -------------------------------------------------------

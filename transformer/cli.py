@@ -220,7 +220,7 @@ def translate_main(argv: list[str] | None = None) -> int:
     from transformer.fast.memory import keep_freed_memory
     from transformer.inference.scoring import score
     from transformer.training.checkpoint import CheckpointError
-    from transformer.runtime import setup_logging
+    from transformer.runtime import resolve_device, setup_logging
 
     setup_logging()
     keep_freed_memory(one_arena=True)  # decoding worker threads share the main arena
@@ -236,6 +236,7 @@ def translate_main(argv: list[str] | None = None) -> int:
             from transformer.figures.drawing import require_matplotlib
 
             require_matplotlib()
+        resolve_device(args.device, "--device")  # checked before anything is loaded
         if engine == "ctranslate2":
             from transformer.inference.ctranslate2 import CTranslate2Translator
 

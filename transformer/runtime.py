@@ -15,16 +15,17 @@ DTYPES = {"fp32": torch.float32, **AMP_DTYPES}
 AMP_DTYPES["bf16-weights"] = torch.bfloat16  # training on a bf16 copy; autocast where the fp32 model runs
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" picks CUDA when it is available, else the CPU; anything else is checked."""
+def resolve_device(name: str, key: str = "'train.device'") -> torch.device:
+    """"auto" picks CUDA when it is available, else the CPU; anything else is checked.
+    ``key`` is where the name came from, for the error (a config key, an option)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ConfigError(f"'train.device': unknown device {name!r}") from e
+        raise ConfigError(f"{key}: unknown device {name!r}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"'train.device' is {name!r} but CUDA is not available here")
+        raise ConfigError(f"{key} is {name!r} but CUDA is not available here")
     return device
 
 

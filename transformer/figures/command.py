@@ -123,7 +123,7 @@ def make_figures(options: FigureOptions) -> FigureReport:
         from transformer.runtime import resolve_device
         from transformer.training.checkpoint import load_model
 
-        device = resolve_device(options.device)
+        device = resolve_device(options.device, "--device")
         model, tokenizer, cfg = load_model(options.checkpoint, device)
         translator = Translator(model, tokenizer, cfg.decode, device)
         source = checkpoint_input(translator, options.sentence, options.target, options.checkpoint.name)

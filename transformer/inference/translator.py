@@ -73,7 +73,7 @@ class Translator(SentenceTranslator):
     def from_checkpoint(cls, path: str | Path, device: str = "auto", packed: bool = True,
                         **decode_overrides) -> "Translator":
         """Load a checkpoint; ``decode_overrides`` replace fields of its decode config."""
-        dev = resolve_device(device)
+        dev = resolve_device(device, "device")
         model, tokenizer, cfg = load_model(path, dev)
         return cls(model, tokenizer, dataclasses.replace(cfg.decode, **decode_overrides), dev, packed)
 

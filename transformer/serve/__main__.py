@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)  # once, before any decoding thread starts
     try:
-        device = resolve_device(args.device)
+        device = resolve_device(args.device, "--device")
     except ConfigError as e:
-        return _fail(f"--device: {e}")
+        return _fail(str(e))
     threads = torch.get_num_threads()
     # As translate.py: two decoding threads with one core each use a 2-core CPU better
     # than one batch on both (docs/performance.md).
