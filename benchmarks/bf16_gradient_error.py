@@ -5,7 +5,8 @@
 Takes a trained checkpoint and the first --batches validation batches, and computes the
 gradient of the summed label-smoothed loss (as a training step does, dropout off so
 that every variant sees the same network) in float32 and under bf16 autocast, with the
-attention scores and softmax, or the output layer, or both, moved back to float32.
+attention scores and softmax, or the output layer, or both, moved back to float32, and
+as ``train.amp: bf16-weights`` computes it (on a bf16 copy of the model, no autocast).
 For each it prints the loss's relative difference from float32 and the gradient's
 relative L2 distance from float32's, over all parameters except the key projections'
 biases (whose exact gradient is zero, as the softmax ignores a shift that is the same
@@ -36,6 +37,7 @@ from transformer.runtime import autocast  # noqa: E402
 from transformer.tasks import build_task  # noqa: E402
 from transformer.training.checkpoint import load_model  # noqa: E402
 from transformer.training.loss import LabelSmoothing  # noqa: E402
+from transformer.training.precision import Bf16Copy  # noqa: E402
 
 # The module itself (the package exports a function of the same name): attend() looks
 # attention() up in it at every call, so replacing it there changes what attention runs.
@@ -71,18 +73,24 @@ def main() -> int:
                 module.use_sdpa = sdpa
         attention_module.attention = attention_in_float32 if attention_fp32 else explicit_attention
         model.zero_grad(set_to_none=True)
+        copy = Bf16Copy(model) if amp == "bf16-weights" else None  # train.amp bf16-weights: no autocast
+        if copy:
+            copy.pull()
+        net = copy.copy if copy else model
         total = 0.0
         try:
             for b in batches:
-                with autocast(device, amp):
-                    out = model(b.src, b.tgt_in, b.src_mask, b.tgt_mask)
+                with autocast(device, "none" if copy else amp):
+                    out = net(b.src, b.tgt_in, b.src_mask, b.tgt_mask)
                     real = b.tgt_out != crit.padding_idx
                     if output_fp32:
                         with torch.autocast(device.type, enabled=False):
-                            loss = output_layer_loss(crit, out[real].float(), model.generator, b.tgt_out[real])
+                            loss = output_layer_loss(crit, out[real].float(), net.generator, b.tgt_out[real])
                     else:
-                        loss = output_layer_loss(crit, out[real], model.generator, b.tgt_out[real])
+                        loss = output_layer_loss(crit, out[real], net.generator, b.tgt_out[real])
                 loss.backward()
+                if copy:
+                    copy.push_grads()
                 total += loss.item()
         finally:
             attention_module.attention = explicit_attention
@@ -103,8 +111,9 @@ def main() -> int:
         ("bf16, attention and output layer in fp32", dict(attention_fp32=True, output_fp32=True)),
         ("bf16 autocast, SDPA attention", dict(sdpa=True)),
     ]
+    variants.append(("bf16 copy, fp32 master weights (bf16-weights)", dict(amp="bf16-weights")))
     for name, options in variants:
-        loss, grads = gradient("bf16", **options)
+        loss, grads = gradient(**{"amp": "bf16", **options})
         distance = torch.sqrt(sum(((grads[n] - ref[n]) ** 2).sum() for n in names)) / norm
         print(f"{name:<44} {(loss - ref_loss) / ref_loss:>+13.2e} {distance.item():>16.2%}")
     return 0
