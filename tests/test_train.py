@@ -140,6 +140,30 @@ def test_bf16_weights_train_a_bf16_copy_and_update_the_fp32_weights():
         assert torch.equal(c, p.to(torch.bfloat16))
 
 
+def test_bf16_weights_under_ddp_hand_over_the_gradients_after_the_last_micro_batch(monkeypatch):
+    """DDP all-reduces during the last micro-batch's backward pass only (``no_sync``
+    before it): the copy's gradients must reach the fp32 model once, after it, or the
+    earlier micro-batches' would skip the all-reduce."""
+    import contextlib
+
+    class NoSyncRecorder:
+        def __init__(self):
+            self.calls = 0
+
+        def no_sync(self):
+            self.calls += 1
+            return contextlib.nullcontext()
+
+    trainer = Trainer(tiny_model(), TrainConfig(amp="bf16-weights", accum_steps=3), 0, torch.device("cpu"))
+    trainer.ddp = NoSyncRecorder()  # the forward pass stays the copy's own
+    pushed = []
+    push = trainer.bf16_copy.push_grads
+    monkeypatch.setattr(trainer.bf16_copy, "push_grads", lambda: (pushed.append(trainer.ddp.calls), push()))
+    trainer.accumulate([make_batch([[3, 4, 5]]), make_batch([[6, 7]]), make_batch([[8, 9, 10]])])
+    assert pushed == [2]  # once, after the two no_sync micro-batches and the last one
+    assert all(p.grad is not None for p in trainer.model.parameters())
+
+
 @pytest.mark.slow
 def test_compiled_training_matches_eager():
     """train.compile gives the eager run's losses and weights, dropout included (it draws

@@ -172,8 +172,10 @@ class Trainer:
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 loss = self.loss(batch.to(self.device, non_blocking=True), train=True)
                 self.scaler.scale(loss * self.dist.world_size / ntokens).backward()
-            if self.bf16_copy:
-                self.bf16_copy.push_grads()  # summed in fp32 over the micro-batches
+            if self.bf16_copy and (self.ddp is None or last):
+                # Summed in fp32 over the micro-batches; under DDP the copy keeps them until
+                # the last one's backward pass, which all-reduces their sum.
+                self.bf16_copy.push_grads()
             total += loss.detach()
         return total, ntokens
 
