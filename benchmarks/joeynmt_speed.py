@@ -11,13 +11,14 @@ of quoting it, and prints:
   2. for every round, one line per run: target tokens/s after the warm-up steps, seconds
      a step, target tokens a step, and the share of the CPUs that other processes took
      meanwhile;
-  3. a table of the rounds, the medians, the ratios ours/Joey for bf16 and fp32, and a
-     verdict line against >= 5x (on bf16, train.py's default; fp32 is shown beside it).
+  3. a table of the rounds, the medians, the ratios ours/Joey for each of our runs, and
+     a verdict line against >= 5x (on the first: train.py's default; fp32 beside it).
 
 Each round runs, one after another, in fresh processes:
-  * ours, bf16: ``python train.py`` with configs/multi30k.yaml as it is (3+3 layers,
-    d_model 256, joint SentencePiece unigram 8k, tied embeddings, dropout 0.2, Adam and
-    the Noam schedule, 4,096-token batches, bf16 autocast), for --steps optimizer steps,
+  * ours, as configured: ``python train.py`` with configs/multi30k.yaml as it is (3+3
+    layers, d_model 256, joint SentencePiece unigram 8k, tied embeddings, dropout 0.2,
+    Adam and the Noam schedule, 4,096-token batches, its train.amp: a bf16 copy of the
+    weights, bf16-weights), for --steps optimizer steps,
     with ``--set`` overrides that change only what happens around the steps:
     train.max_steps, train.log_every, train.device=cpu, no validation before the end
     (train.eval_every), no step-N.pt copies, greedy test scoring (decode.beam_size=1)
