@@ -55,8 +55,6 @@ from transformer.fast.memory import keep_freed_memory  # noqa: E402
 from transformer.fast.packed import PackedLinear  # noqa: E402
 from transformer.inference.scoring import score  # noqa: E402
 from transformer.inference.translator import Translator, decoding_name  # noqa: E402
-from transformer.runtime import resolve_device  # noqa: E402
-from transformer.training.checkpoint import load_model  # noqa: E402
 
 
 def timed(translator: Translator, sources: list[list[int]]) -> tuple[float, list[list[int]], int]:
@@ -98,9 +96,7 @@ def main() -> int:
     ref = read_lines(data / "test_2016_flickr.en.gz")[: args.limit]
     sizes = {k: v for k, v in (("batch_size", args.batch_size), ("batch_tokens", args.batch_tokens),
                                ("workers", args.workers)) if v is not None}
-    model, tokenizer, cfg = load_model(args.checkpoint, resolve_device(args.device))
-    base = Translator(model, tokenizer, dataclasses.replace(cfg.decode, **sizes), resolve_device(args.device),
-                      packed=False)
+    base = Translator.from_checkpoint(args.checkpoint, device=args.device, packed=False, **sizes)
     sources = base.encode(src)
     alpha = base.cfg.length_penalty if args.length_penalty is None else args.length_penalty
     # The reference's way decodes one sentence after another, on all the threads.
