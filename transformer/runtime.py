@@ -10,9 +10,9 @@ import torch
 
 from transformer.config import ConfigError
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPES = {"fp32": torch.float32, **AMP_DTYPES}
-AMP_DTYPES["bf16-weights"] = torch.bfloat16  # training on a bf16 copy; autocast where the fp32 model runs
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# train.amp's autocast dtype; bf16-weights trains a bf16 copy, and autocasts where the fp32 model runs.
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "bf16-weights": torch.bfloat16}
 
 
 def resolve_device(name: str, key: str = "'train.device'") -> torch.device:
