@@ -28,7 +28,12 @@ def can_pack(model: nn.Module) -> bool:
             and hasattr(ops, "_linear_pointwise")):
         return False
     weight = next((m.weight for m in model.modules() if isinstance(m, nn.Linear)), None)
-    return weight is not None and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+    return weight is not None and _packable(weight)
+
+
+def _packable(weight: Tensor) -> bool:
+    """Whether oneDNN's CPU inner product takes this weight (on the CPU, fp32 or bf16)."""
+    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
 
 
 class PackedLinear(nn.Module):
@@ -49,9 +54,8 @@ class PackedLinear(nn.Module):
 
     def _pack(self) -> None:
         w = self.weight
-        supported = w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
         with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None) if supported else None
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None) if _packable(w) else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.packed is None or x.dtype != self.weight.dtype:
