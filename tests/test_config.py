@@ -62,6 +62,8 @@ def test_exponents_without_a_dot_are_numbers(tmp_path):
         ("data.copy.min_len=20", "data.copy.min_len"),
         ("train=5", "train"),
         ("train.cooldown=1.5", "train.cooldown"),
+        ("train.tune_length_penalty=1.0", "train.tune_length_penalty"),
+        ("train.tune_length_penalty=[0.6, high]", "train.tune_length_penalty[1]"),
     ],
 )
 def test_bad_override_names_the_key(override, key):
@@ -69,6 +71,11 @@ def test_bad_override_names_the_key(override, key):
         load_config(None, [override])
     assert f"'{key}" in str(e.value)
     assert override in str(e.value)
+
+
+def test_a_list_of_any_length():
+    assert load_config(None, ["train.tune_length_penalty=[0.6, 1, 1.5]"]).train.tune_length_penalty == (0.6, 1.0, 1.5)
+    assert load_config(None, ["train.tune_length_penalty=[]"]).train.tune_length_penalty == ()
 
 
 def test_unknown_key_in_file_names_file_and_key(tmp_path):

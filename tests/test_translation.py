@@ -78,6 +78,44 @@ def test_training_a_few_steps_on_a_slice(slices, tmp_path):
     assert len(translator.translate(["Ein Hund läuft über die Wiese. 😀", ""])) == 2
 
 
+def test_the_length_penalty_is_chosen_on_validation_and_kept_in_best_pt(slices, tmp_path):
+    """train.tune_length_penalty: the validation BLEU of each alpha is recorded, the best
+    (the first of equals) goes into best.pt and decodes the test set; last.pt keeps its own."""
+    from transformer.inference.scoring import score
+
+    cfg = load_config(ROOT / "configs" / "multi30k.yaml",
+                      slice_overrides(slices, f"train.run_dir={tmp_path / 'run'}", "train.max_steps=4",
+                                      "train.tune_length_penalty=[2.0, 0.0]", "decode.beam_size=3"))
+    run_dir = run_training(cfg).run_dir
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    [tuned] = [r for r in records if r["kind"] == "length_penalty"]
+    bleu = {alpha: b for alpha, b in tuned["valid_bleu"]}
+    assert list(bleu) == [2.0, 0.0] and tuned["chosen"] == max(bleu, key=bleu.get)
+    src, ref = (Path(p).read_text(encoding="utf-8").splitlines() for p in slices["valid"])
+    for alpha, recorded in bleu.items():
+        translator = Translator.from_checkpoint(run_dir / "best.pt", device="cpu", length_penalty=alpha)
+        assert score(translator.translate(src), ref).bleu == pytest.approx(recorded)
+    assert Translator.from_checkpoint(run_dir / "best.pt", device="cpu").cfg.length_penalty == tuned["chosen"]
+    assert Translator.from_checkpoint(run_dir / "last.pt", device="cpu").cfg.length_penalty == 1.0
+    [test] = [r for r in records if r["kind"] == "test"]
+    assert test["decoding"] == f"beam 3, alpha {tuned['chosen']:g}"
+
+    # The choice itself, where the scores differ: the alpha under which the outputs are
+    # the references wins, wherever it stands in the list.
+    class Echo:
+        cfg = Translator.from_checkpoint(run_dir / "best.pt", device="cpu").cfg
+
+        def translate(self, sentences):
+            return ref if self.cfg.length_penalty == 0.6 else ["a"] * len(sentences)
+
+    task = TranslationTask(cfg)
+    task.length_penalties = (1.5, 0.6, 1.0)
+    echo = Echo()
+    task._tune_length_penalty(echo, run_dir / "best.pt", type("Log", (), {"write": lambda self, **r: None})())
+    assert echo.cfg.length_penalty == 0.6
+    assert Translator.from_checkpoint(run_dir / "best.pt", device="cpu").cfg.length_penalty == 0.6
+
+
 def test_translate_cli_scores_against_a_reference(slices, tmp_path):
     cfg = load_config(ROOT / "configs" / "multi30k.yaml",
                       slice_overrides(slices, f"train.run_dir={tmp_path / 'run'}", "train.max_steps=2"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import re
 import types
 from dataclasses import dataclass, field
@@ -111,6 +112,9 @@ class TrainConfig:
     eval_every: int | None = None  # validate every N steps; None: after every epoch
     patience: int | None = None  # stop after this many validations without a better score
     keep_checkpoints: int = 0  # also keep the last N evaluation points as step-<N>.pt (for averaging)
+    # At the end, best.pt keeps whichever of these length penalties gives the best beam-search
+    # BLEU on the validation text (then used on the test text); empty: decode.length_penalty.
+    tune_length_penalty: tuple[float, ...] = ()
     run_dir: str | None = None  # default: a new folder under runs_root
     runs_root: str = "runs"
 
@@ -195,6 +199,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin is tuple:
         args = get_args(tp)
+        if args[-1] is Ellipsis:  # tuple[float, ...]: a list of any length
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"'{key}' must be a list, got {value!r}")
+            args = (args[0],) * len(value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"'{key}' must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
@@ -376,16 +384,8 @@ def _merged(base: dict, top: dict) -> dict:
 
 
 def to_dict(cfg: Any) -> dict:
-    """A plain dict (lists, not tuples) for YAML files and checkpoints."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
-
-    return plain(dataclasses.asdict(cfg))
+    """A plain dict (lists, not tuples: JSON has no tuples) for YAML files and checkpoints."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def from_dict(data: dict) -> Config:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from transformer.inference.scoring import score
 from transformer.inference.translator import Translator, decoding_name
 from transformer.model.architecture import EncoderDecoder
 from transformer.tasks import Score
+from transformer.training.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ class TranslationTask:
     def __init__(self, cfg: Config, tokenizer: Tokenizer | None = None):
         self.cfg = cfg.data
         self.seed = cfg.train.seed
+        self.length_penalties = cfg.train.tune_length_penalty
         files = corpus_files(cfg.data)
         self.corpus = ensure_prepared(cfg.data, files, tokenizer)
         self.tokenizer = self.corpus.tokenizer
@@ -113,11 +116,14 @@ class TranslationTask:
         return Score(scores.bleu, {"bleu": scores.bleu, "chrf": scores.chrf}, text)
 
     def finish(self, model: EncoderDecoder, run_dir: Path, metrics, n_demo: int) -> list[tuple[str, str]]:
-        """Score ``best.pt`` on the test set and write its translations beside it."""
-        if not self.test_src:
-            return []
+        """Choose ``best.pt``'s length penalty (``train.tune_length_penalty``), score it on
+        the test set and write its translations beside it."""
         device = str(next(model.parameters()).device)
         translator = Translator.from_checkpoint(run_dir / "best.pt", device=device)
+        if self.length_penalties and translator.cfg.beam_size > 1:
+            self._tune_length_penalty(translator, run_dir / "best.pt", metrics)
+        if not self.test_src:
+            return []
         hypotheses = translator.translate(self.test_src)
         (run_dir / "test.hyp.txt").write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
         scores = score(hypotheses, self.test_ref)
@@ -129,6 +135,24 @@ class TranslationTask:
         for src, out in demo:
             log.info("decode: %s -> %s", src, out)
         return demo
+
+    def _tune_length_penalty(self, translator: Translator, path: Path, metrics) -> None:
+        """Decode the validation text with each length penalty of ``train.tune_length_penalty``
+        and keep the one with the best BLEU (the first of equals), in ``translator`` and
+        as the default decoding of the checkpoint at ``path``."""
+        bleu = {}
+        for alpha in self.length_penalties:
+            translator.cfg = dataclasses.replace(translator.cfg, length_penalty=alpha)
+            bleu[alpha] = score(translator.translate(self.valid_src), self.valid_ref).bleu
+        best = max(self.length_penalties, key=bleu.__getitem__)
+        translator.cfg = dataclasses.replace(translator.cfg, length_penalty=best)
+        state = load_checkpoint(path)
+        state["config"]["decode"]["length_penalty"] = best
+        save_checkpoint(path, state)
+        metrics.write(kind="length_penalty", chosen=best, beam_size=translator.cfg.beam_size,
+                      valid_bleu=[[alpha, b] for alpha, b in bleu.items()])
+        log.info("length penalty %g chosen for %s on validation (beam %d BLEU: %s)", best, path.name,
+                 translator.cfg.beam_size, ", ".join(f"alpha {a:g} {b:.2f}" for a, b in bleu.items()))
 
 
 class _Lazy:
