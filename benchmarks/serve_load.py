@@ -16,7 +16,10 @@ In one run, on test_2016_flickr's 1,000 German sentences:
      (``GreedyStream``, a new sentence joining as soon as one ends: what the server's
      decoding threads do) and in batches of that size (each ending before the next starts):
      what the server can do at most when that many requests are in flight, so that its
-     own overhead shows apart from the cost of decoding few sentences at a time;
+     own overhead shows apart from the cost of decoding few sentences at a time; and
+     translate.py's way in batches of that size (sorted by length, --repeat passes): what
+     translate.py itself gives when it may hold no more sentences at once than the clients
+     keep in flight;
   3. the server (``python -m transformer.serve --beam-size 1``) in a subprocess, and
      clients in threads, one keep-alive HTTP connection each, sending one sentence per
      request: --per-level requests (default: every sentence once) at 1, 8 and 32
@@ -83,8 +86,8 @@ def train_quick_model(data: Path, steps: int) -> Path:
 class TranslatePy:
     """translate.py's greedy decoding of the sentences, timed pass by pass."""
 
-    def __init__(self, checkpoint: str, sentences: list[str]):
-        self.translator = Translator.from_checkpoint(checkpoint, device="cpu", beam_size=1)
+    def __init__(self, checkpoint: str, sentences: list[str], **decode):
+        self.translator = Translator.from_checkpoint(checkpoint, device="cpu", beam_size=1, **decode)
         self.sentences = sentences
         self.passes: list[float] = []
         self.outputs: list[str] = []
@@ -296,13 +299,19 @@ def main() -> int:
     reference = translate_py.outputs
     print(f"translate.py's way (batched greedy, fp32): {translate_py.per_second:.1f} sentences/s "
           f"(passes {', '.join(f'{p:.2f}' for p in translate_py.passes)} s)")
-    ceilings = {}
+    ceilings, held = {}, {}
     for connections in sorted({n for n in levels_asked if n > 1}):
         rows = max(1, connections // 2)
         ceilings[connections] = stream_speed(checkpoint, sentences, rows)
         batches = small_batch_speed(checkpoint, sentences, rows)
+        # translate.py itself, allowed no more sentences at once than the clients keep in
+        # flight: its batches sorted by length (which a server cannot choose), packed weights.
+        limited = TranslatePy(checkpoint, sentences, batch_size=rows)
+        limited.run(args.repeat)
+        held[connections] = limited.per_second
         print(f"{connections} in flight, no HTTP, 2 threads of {rows}: streams {ceilings[connections]:.1f} "
-              f"sentences/s, batches {batches:.1f}")
+              f"sentences/s, batches {batches:.1f}; translate.py's way in batches of {rows} (sorted by length) "
+              f"{held[connections]:.1f}")
 
     server = ServerProcess(checkpoint, args.server_arg)
     try:
@@ -360,6 +369,10 @@ def main() -> int:
     print(f"  memory: {rss[0][1]:.1f} MiB when started, {warm_rss:.1f} after {per_level * len(levels)} requests, "
           f"{rss[-1][1]:.1f} after {done} ({growth:+.1f} MiB over the last {done - per_level * len(levels)}; "
           f"target: flat, under {FLAT_MIB:g} MiB): {'PASS' if growth < FLAT_MIB else 'FAIL'}")
+    if levels_asked[-1] in held:
+        print(f"  (translate.py's way itself, holding at most {levels_asked[-1]} sentences at once: "
+              f"{held[levels_asked[-1]]:.1f} sentences/s = {100 * held[levels_asked[-1]] / batched:.0f}% of its "
+              f"batched speed; the server reached {100 * top.per_second / held[levels_asked[-1]]:.0f}% of that)")
     if one is not None:
         print(f"  1 connection: p50 {one.percentile_ms(50):.1f} ms (target < {TARGET_P50_MS:g} ms): "
               f"{'PASS' if one.percentile_ms(50) < TARGET_P50_MS else 'FAIL'}")

@@ -4,8 +4,9 @@
     python benchmarks/train_multi30k.py --report RUN_DIR    # figures of a finished run
 
 It prints the wall time of the whole command, the training throughput, the validation
-curve and the test scores of the best checkpoint (sacreBLEU with its signature, chrF,
-lowercased BLEU), from the run's metrics.jsonl.
+curve, the length penalty chosen on validation (train.tune_length_penalty) and the test
+scores of the best checkpoint (sacreBLEU with its signature, chrF, lowercased BLEU), from
+the run's metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def report(run_dir: Path, wall: float | None) -> None:
     for r in valid:
         bleu = f", BLEU {r['bleu']:.2f}, chrF {r['chrf']:.2f}" if "bleu" in r else ""
         print(f"  valid @ step {r['step']:>5} (epoch {r['epoch']}): loss {r['valid_loss']:.4f}{bleu}")
+    for r in records:
+        if r["kind"] == "length_penalty":
+            tried = ", ".join(f"alpha {alpha:g} {bleu:.2f}" for alpha, bleu in r["valid_bleu"])
+            print(f"length penalty chosen on validation: {r['chosen']:g} (beam {r['beam_size']} BLEU: {tried})")
     for r in test:
         print(f"test (best.pt, {r['decoding']}): BLEU {r['bleu']:.2f}, chrF {r['chrf']:.2f}, "
               f"lowercased BLEU {r['bleu_lc']:.2f}  [{r['signature']}]")
