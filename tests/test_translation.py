@@ -82,6 +82,7 @@ def test_the_length_penalty_is_chosen_on_validation_and_kept_in_best_pt(slices, 
     """train.tune_length_penalty: the validation BLEU of each alpha is recorded, the best
     (the first of equals) goes into best.pt and decodes the test set; last.pt keeps its own."""
     from transformer.inference.scoring import score
+    from transformer.training.callbacks import MetricsLog
 
     cfg = load_config(ROOT / "configs" / "multi30k.yaml",
                       slice_overrides(slices, f"train.run_dir={tmp_path / 'run'}", "train.max_steps=4",
@@ -111,7 +112,7 @@ def test_the_length_penalty_is_chosen_on_validation_and_kept_in_best_pt(slices, 
     task = TranslationTask(cfg)
     task.length_penalties = (1.5, 0.6, 1.0)
     echo = Echo()
-    task._tune_length_penalty(echo, run_dir / "best.pt", type("Log", (), {"write": lambda self, **r: None})())
+    task._tune_length_penalty(echo, run_dir / "best.pt", MetricsLog(tmp_path / "metrics.jsonl"))
     assert echo.cfg.length_penalty == 0.6
     assert Translator.from_checkpoint(run_dir / "best.pt", device="cpu").cfg.length_penalty == 0.6
 

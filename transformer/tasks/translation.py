@@ -75,7 +75,8 @@ class TranslationTask:
     def __init__(self, cfg: Config, tokenizer: Tokenizer | None = None):
         self.cfg = cfg.data
         self.seed = cfg.train.seed
-        self.length_penalties = cfg.train.tune_length_penalty
+        # Length penalties to choose from at the end (only beam search has one).
+        self.length_penalties = cfg.train.tune_length_penalty if cfg.decode.beam_size > 1 else ()
         files = corpus_files(cfg.data)
         self.corpus = ensure_prepared(cfg.data, files, tokenizer)
         self.tokenizer = self.corpus.tokenizer
@@ -118,9 +119,11 @@ class TranslationTask:
     def finish(self, model: EncoderDecoder, run_dir: Path, metrics, n_demo: int) -> list[tuple[str, str]]:
         """Choose ``best.pt``'s length penalty (``train.tune_length_penalty``), score it on
         the test set and write its translations beside it."""
+        if not self.test_src and not self.length_penalties:
+            return []
         device = str(next(model.parameters()).device)
         translator = Translator.from_checkpoint(run_dir / "best.pt", device=device)
-        if self.length_penalties and translator.cfg.beam_size > 1:
+        if self.length_penalties:
             self._tune_length_penalty(translator, run_dir / "best.pt", metrics)
         if not self.test_src:
             return []
