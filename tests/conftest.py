@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +47,11 @@ def run_cli(script: str, *args: str, input: str | None = None, cwd: Path | None 
         cwd=cwd or ROOT,
         timeout=600,
     )
+
+
+# Where the device-generic tests run: the CPU, and CUDA where there is one (on a GPU
+# machine benchmarks/gpu_check.py runs the suite).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 
 
 # A model small enough to train a few steps in seconds, as train.py flags.

@@ -42,3 +42,30 @@ def test_copy_benchmark_and_gradient_error_run_on_a_tiny_model(tiny_run):
     result = run_cli("benchmarks/bf16_gradient_error.py", "--checkpoint", str(run_dir / "last.pt"), "--batches", "1")
     assert result.returncode == 0, result.stderr
     assert "attention in fp32" in result.stdout
+
+
+def test_the_gpu_checks_set_only_keys_the_configs_take(tmp_path):
+    """benchmarks/gpu_check.py runs where a GPU is lent, rarely and for minutes: every
+    training run it plans must load with its overrides (a renamed key fails here, not
+    there), and the runs it reads figures from must be distinct folders."""
+    from transformer.config import load_config
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+        gpu_check = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_check"] = gpu_check  # its dataclass looks its module up there
+        spec.loader.exec_module(gpu_check)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.modules.pop("gpu_check", None)
+    for device in ("cuda", "cpu"):
+        checks = gpu_check.plan(device, tmp_path, "configs/multi30k_base.yaml", 2.0, 100, quick=False)
+        trained = [c for c in checks if c.run_dir is not None]
+        assert len({c.run_dir for c in trained}) == len(trained) >= 4
+        for check in trained:
+            argv = check.argv[check.argv.index("--config") + 1 :]
+            sets = [argv[i + 1] for i in range(1, len(argv), 2) if argv[i] == "--set"]
+            cfg = load_config(ROOT / argv[0], sets)
+            assert cfg.train.device == device and cfg.train.run_dir == str(check.run_dir), check.name
+        assert any("fp16" in c.name for c in checks) == (device == "cuda")

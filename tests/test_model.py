@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from conftest import DEVICES
 from torch import nn
 
 from transformer.config import ConfigError, ModelConfig
@@ -195,9 +196,11 @@ def decode_setup(seed=0):
     return model, src, padding_mask(src, PAD)
 
 
-def test_greedy_cache_matches_no_cache():
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_cache_matches_no_cache(device):
     """greedy_decode gives the same ids with and without the cache (varied source lengths)."""
     model, src, src_mask = decode_setup()
+    model, src, src_mask = model.to(device), src.to(device), src_mask.to(device)
     a = greedy_decode(model, src, src_mask, 12, BOS, use_cache=True)
     b = greedy_decode(model, src, src_mask, 12, BOS, use_cache=False)
     assert a.shape == (4, 13)

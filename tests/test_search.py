@@ -9,6 +9,7 @@ import logging
 
 import pytest
 import torch
+from conftest import DEVICES
 from torch import nn
 
 from transformer.config import DecodeConfig
@@ -40,10 +41,11 @@ def source(vocab=11, lengths=(7, 4, 6, 2), seed=0):
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_beam_size_one_is_greedy(seed, use_cache):
-    m = model(seed=seed)
-    src, mask = source(seed=seed)
-    limits = torch.tensor([9, 5, 12, 3])
+@pytest.mark.parametrize("device", DEVICES)
+def test_beam_size_one_is_greedy(seed, use_cache, device):
+    m = model(seed=seed).to(device)
+    src, mask = (t.to(device) for t in source(seed=seed))
+    limits = torch.tensor([9, 5, 12, 3], device=device)
     ys = greedy_decode(m, src, mask, limits, BOS, EOS, PAD, use_cache)
     found = beam_search(m, src, mask, limits, BOS, EOS, beam_size=1, use_cache=use_cache)
     for row, hyps in zip(ys.tolist(), found):

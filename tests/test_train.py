@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import DEVICES
 
 from transformer.config import ConfigError, CopyTaskConfig, TrainConfig
 from transformer.data.batching import Batch, pad_sequences
@@ -99,11 +100,16 @@ def test_clipping_bounds_the_gradient_norm():
     assert total <= cfg.clip_grad_norm * 1.01
 
 
-def test_bf16_autocast_trains_on_cpu():
-    """A bf16-autocast step runs on the CPU and lowers the loss on a fixed batch."""
-    cfg = TrainConfig(amp="bf16", warmup=5, lr_factor=1.0)
-    model = tiny_model()
-    trainer = Trainer(model, cfg, 0, torch.device("cpu"))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_trains(device, amp):
+    """Autocast steps (fp16's with its gradient scaler) lower the loss on a fixed batch
+    and leave the weights in fp32."""
+    if amp == "fp16" and device == "cpu":
+        pytest.skip("fp16 autocast is for CUDA only (the config refuses it on the CPU)")
+    cfg = TrainConfig(amp=amp, warmup=5, lr_factor=1.0)
+    model = tiny_model().to(device)
+    trainer = Trainer(model, cfg, 0, torch.device(device))
     batch = make_batch([[3, 4, 5, 6, 7, 8]] * 8)
     before = trainer.evaluate([batch])
     for _ in range(20):
@@ -112,7 +118,8 @@ def test_bf16_autocast_trains_on_cpu():
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_bf16_weights_train_a_bf16_copy_and_update_the_fp32_weights():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_weights_train_a_bf16_copy_and_update_the_fp32_weights(device):
     """train.amp bf16-weights: the steps run on a bf16 copy whose gradients, in fp32 and
     summed in fp32 over micro-batches, are the fp32 gradients up to bf16 rounding (about
     as close as bf16 autocast's); the model stays fp32, the copy follows it, and the
@@ -120,16 +127,16 @@ def test_bf16_weights_train_a_bf16_copy_and_update_the_fp32_weights():
     a, b = [[3, 4, 5, 6, 7], [2, 2, 9, 3, 4]], [[8, 9], [5, 3, 10], [7]]
     found = {}
     for amp in ("none", "bf16", "bf16-weights"):
-        model = tiny_model()
-        trainer = Trainer(model, TrainConfig(amp=amp, accum_steps=2), 0, torch.device("cpu"))
+        model = tiny_model().to(device)
+        trainer = Trainer(model, TrainConfig(amp=amp, accum_steps=2), 0, torch.device(device))
         trainer.accumulate([make_batch(a), make_batch(b)])
         found[amp] = torch.cat([g.flatten() for g in grads(model)])
         assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
     assert all(p.dtype == torch.bfloat16 and p.grad is None for p in trainer.bf16_copy.copy.parameters())
     error = {amp: float((found[amp] - found["none"]).norm() / found["none"].norm()) for amp in ("bf16", "bf16-weights")}
     assert error["bf16-weights"] < min(0.05, 3 * error["bf16"]), error
-    model = tiny_model()
-    trainer = Trainer(model, TrainConfig(amp="bf16-weights", warmup=5, lr_factor=1.0), 0, torch.device("cpu"))
+    model = tiny_model().to(device)
+    trainer = Trainer(model, TrainConfig(amp="bf16-weights", warmup=5, lr_factor=1.0), 0, torch.device(device))
     batch = make_batch([[3, 4, 5, 6, 7, 8]] * 8)
     before = trainer.evaluate([batch])
     for _ in range(20):
