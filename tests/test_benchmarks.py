@@ -69,3 +69,6 @@ def test_the_gpu_checks_set_only_keys_the_configs_take(tmp_path):
             cfg = load_config(ROOT / argv[0], sets)
             assert cfg.train.device == device and cfg.train.run_dir == str(check.run_dir), check.name
         assert any("fp16" in c.name for c in checks) == (device == "cuda")
+    # The GPU image has no spacy: the test files it runs must not need it.
+    for name in gpu_check.DEVICE_TESTS:
+        assert "spacy" not in (ROOT / name).read_text(), name

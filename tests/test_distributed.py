@@ -14,9 +14,10 @@ from transformer.config import load_config
 from transformer.training.checkpoint import load_checkpoint
 from transformer.training.run import run_training
 
-# The copy task, small; validation every 3 steps.
+# The copy task, small; validation every 3 steps; on the CPU also where there is a GPU
+# (two processes cannot share one GPU under NCCL, and these tests are gloo's).
 SETTINGS = ["model.N=1", "model.d_model=32", "model.d_ff=64", "model.h=4", "data.copy.batch_size=16",
-            "train.eval_every=3"]
+            "train.eval_every=3", "train.device=cpu"]
 
 # train.py, with each process's final weights written beside the run (rank 1's never
 # reach a checkpoint) and, with STOP_AT, rank 1 alone asking to stop after that step
