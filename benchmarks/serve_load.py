@@ -1,6 +1,7 @@
 """Serving under load: the translation server against translate.py's batched greedy speed.
 
     python benchmarks/serve_load.py --checkpoint RUN/best.pt [--data-dir data/multi30k] [--requests 10000]
+    python benchmarks/serve_load.py --checkpoint RUN/best.pt --dtype bf16   # every side decoding in bf16
 
 Without --checkpoint it first trains a quick model (train.py on Multi30k, --train-steps
 steps of the default config, a few minutes) and says so: its translations are poor, but
@@ -104,7 +105,7 @@ class TranslatePy:
         return len(self.sentences) / statistics.median(self.passes)
 
 
-def _no_http_speed(checkpoint: str, sentences: list[str], workers: int, decode) -> float:
+def _no_http_speed(checkpoint: str, sentences: list[str], workers: int, decode, dtype: str | None) -> float:
     """Greedy sentences/s of ``decode(translator, part)`` in ``workers`` threads of one
     torch thread each, each on its share of the sentences in random order; the
     Translator unpacked, as the server's."""
@@ -112,7 +113,8 @@ def _no_http_speed(checkpoint: str, sentences: list[str], workers: int, decode) 
 
     import torch
 
-    translator = Translator.from_checkpoint(checkpoint, device="cpu", packed=False, beam_size=1, workers=1)
+    translator = Translator.from_checkpoint(checkpoint, device="cpu", packed=False, beam_size=1, workers=1,
+                                            **_dtype(dtype))
     sources = translator.encode(sentences)
     random.Random(0).shuffle(sources)
 
@@ -130,7 +132,13 @@ def _no_http_speed(checkpoint: str, sentences: list[str], workers: int, decode) 
     return len(sources) / (time.perf_counter() - start)
 
 
-def stream_speed(checkpoint: str, sentences: list[str], rows: int, workers: int = 2) -> float:
+def _dtype(dtype: str | None) -> dict:
+    """The Translator's dtype override: none when not asked, so the checkpoint's stays."""
+    return {} if dtype is None else {"dtype": dtype}
+
+
+def stream_speed(checkpoint: str, sentences: list[str], rows: int, workers: int = 2,
+                 dtype: str | None = None) -> float:
     """Each thread with a ``GreedyStream`` holding ``rows`` sentences while there are any
     left: what the server's decoding threads can give at most when ``workers * rows``
     requests are in flight."""
@@ -144,10 +152,11 @@ def stream_speed(checkpoint: str, sentences: list[str], rows: int, workers: int 
                 return
             stream.step()
 
-    return _no_http_speed(checkpoint, sentences, workers, decode)
+    return _no_http_speed(checkpoint, sentences, workers, decode, dtype)
 
 
-def small_batch_speed(checkpoint: str, sentences: list[str], batch: int, workers: int = 2) -> float:
+def small_batch_speed(checkpoint: str, sentences: list[str], batch: int, workers: int = 2,
+                      dtype: str | None = None) -> float:
     """Each thread decoding its sentences in batches of ``batch``, one after another: the
     most static batches can give when no more than ``workers * batch`` requests are in
     flight."""
@@ -156,7 +165,7 @@ def small_batch_speed(checkpoint: str, sentences: list[str], batch: int, workers
         for i in range(0, len(part), batch):
             translator.search(part[i : i + batch], nbest=1, scores=False)
 
-    return _no_http_speed(checkpoint, sentences, workers, decode)
+    return _no_http_speed(checkpoint, sentences, workers, decode, dtype)
 
 
 class ServerProcess:
@@ -279,6 +288,9 @@ def main() -> int:
                         help="concurrent connections of each level, comma-separated (default 1,8,32)")
     parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                         help="pass ARG to the server, e.g. --server-arg=--workers=1 (repeatable)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                        help="decode in this type on every side, translate.py's and the server's (default: the "
+                             "checkpoint's decode.dtype, else fp32)")
     args = parser.parse_args()
     keep_freed_memory(one_arena=True)  # as translate.py does
 
@@ -294,26 +306,27 @@ def main() -> int:
     print(f"{len(sentences)} sentences of test_2016_flickr; {checkpoint}")
     # Passes before the server and after it, so that a shared machine's slow minutes
     # weigh on both sides of the comparison.
-    translate_py = TranslatePy(checkpoint, sentences)
+    translate_py = TranslatePy(checkpoint, sentences, **_dtype(args.dtype))
     translate_py.run(args.repeat)
     reference = translate_py.outputs
-    print(f"translate.py's way (batched greedy, fp32): {translate_py.per_second:.1f} sentences/s "
+    print(f"translate.py's way (batched greedy, {args.dtype or 'the checkpoint dtype'}): "
+          f"{translate_py.per_second:.1f} sentences/s "
           f"(passes {', '.join(f'{p:.2f}' for p in translate_py.passes)} s)")
     ceilings, held = {}, {}
     for connections in sorted({n for n in levels_asked if n > 1}):
         rows = max(1, connections // 2)
-        ceilings[connections] = stream_speed(checkpoint, sentences, rows)
-        batches = small_batch_speed(checkpoint, sentences, rows)
+        ceilings[connections] = stream_speed(checkpoint, sentences, rows, dtype=args.dtype)
+        batches = small_batch_speed(checkpoint, sentences, rows, dtype=args.dtype)
         # translate.py itself, allowed no more sentences at once than the clients keep in
         # flight: its batches sorted by length (which a server cannot choose), packed weights.
-        limited = TranslatePy(checkpoint, sentences, batch_size=rows)
+        limited = TranslatePy(checkpoint, sentences, batch_size=rows, **_dtype(args.dtype))
         limited.run(args.repeat)
         held[connections] = limited.per_second
         print(f"{connections} in flight, no HTTP, 2 threads of {rows}: streams {ceilings[connections]:.1f} "
               f"sentences/s, batches {batches:.1f}; translate.py's way in batches of {rows} (sorted by length) "
               f"{held[connections]:.1f}")
 
-    server = ServerProcess(checkpoint, args.server_arg)
+    server = ServerProcess(checkpoint, args.server_arg + ([f"--dtype={args.dtype}"] if args.dtype else []))
     try:
         print(f"server: {' '.join(server.command[1:])} (port {server.port})")
         rss = [("started", server.rss_mib())]
