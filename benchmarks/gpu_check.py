@@ -96,8 +96,8 @@ def plan(device: str, work: Path, config: str, minutes: float, steps: int, quick
         Check(f"torchrun, 2 processes, {'NCCL' if cuda else 'gloo'}", torchrun + ["--nproc_per_node", "2"]
               + train_argv(config, device, runs["torchrun2"], *short)[1:], 180, runs["torchrun2"],
               expect_failure="use at most one process per GPU" if gpus < 2 else None),
-        Check("train compile", train_argv(config, device, runs["compile"], "train.amp=bf16", "train.compile=true", limit),
-              360, runs["compile"]),
+        Check("train compile", train_argv(config, device, runs["compile"], "train.amp=bf16", "train.compile=true",
+                                          limit), 360, runs["compile"]),
         Check("translate beam 5 bf16", decode + ["--beam-size", "5", "--dtype", "bf16",
                                                  "--output", str(work / "beam-bf16.txt")], 120),
     ]
@@ -105,7 +105,7 @@ def plan(device: str, work: Path, config: str, minutes: float, steps: int, quick
         checks.append(Check("translate beam 5 fp16", decode + ["--beam-size", "5", "--dtype", "fp16",
                                                                "--output", str(work / "beam-fp16.txt")], 120))
     if not quick:
-        checks.append(Check("tests on CUDA", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        checks.append(Check(f"tests on {device}", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                               *DEVICE_TESTS], 600))
     return checks
 
