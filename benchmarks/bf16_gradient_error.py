@@ -10,7 +10,8 @@ as ``train.amp: bf16-weights`` computes it (on a bf16 copy of the model, no auto
 For each it prints the loss's relative difference from float32 and the gradient's
 relative L2 distance from float32's, over all parameters except the key projections'
 biases (whose exact gradient is zero, as the softmax ignores a shift that is the same
-for every key).
+for every key), then over each group of them apart: the attention layers, the
+feed-forward layers, the layer norms, and the (tied) embeddings and output layer.
 
 The attention runs the explicit product (``use_sdpa=False``), which is what training on
 the CPU with attention dropout uses; SDPA under bf16 is printed too, for comparison.
@@ -49,6 +50,24 @@ def attention_in_float32(query, key, value, mask=None, dropout=None):
     """``attention`` with its scores, softmax and weighted sum in float32."""
     with torch.autocast(query.device.type, enabled=False):
         return explicit_attention(query.float(), key.float(), value.float(), mask, dropout)
+
+
+GROUPS = ("attention", "feed-forward", "layer norms", "embeddings")
+
+
+def group(name: str) -> str:
+    """The group of a parameter, by its name in the model."""
+    if "norm" in name:
+        return "layer norms"
+    if "embed" in name or name.startswith("generator"):
+        return "embeddings"
+    return "feed-forward" if "feed_forward" in name else "attention"
+
+
+def distance(grads: dict, ref: dict, names: list[str]) -> float:
+    """The relative L2 distance of ``grads`` from ``ref`` over the parameters ``names``."""
+    error = torch.sqrt(sum(((grads[n] - ref[n]) ** 2).sum() for n in names))
+    return float(error / torch.sqrt(sum((ref[n] ** 2).sum() for n in names)))
 
 
 def main() -> int:
@@ -100,10 +119,10 @@ def main() -> int:
     describe(peaks=False)
     ref_loss, ref = gradient("none")
     names = [n for n in ref if not n.endswith("linears.1.bias")]
-    norm = torch.sqrt(sum((ref[n] ** 2).sum() for n in names))
     print(f"{args.checkpoint}: {len(batches)} validation batches, "
           f"{sum(b.ntokens for b in batches)} target tokens, torch {torch.__version__}")
-    print(f"{'variant':<44} {'loss vs fp32':>13} {'gradient vs fp32':>17}")
+    groups = {g: [n for n in names if group(n) == g] for g in GROUPS}
+    print(f"{'variant':<44} {'loss vs fp32':>13} {'gradient vs fp32':>17}  " + " ".join(f"{g:>12}" for g in GROUPS))
     variants = [
         ("bf16 autocast (the training path)", dict()),
         ("bf16, attention in fp32", dict(attention_fp32=True)),
@@ -114,8 +133,9 @@ def main() -> int:
     variants.append(("bf16 copy, fp32 master weights (bf16-weights)", dict(amp="bf16-weights")))
     for name, options in variants:
         loss, grads = gradient(**{"amp": "bf16", **options})
-        distance = torch.sqrt(sum(((grads[n] - ref[n]) ** 2).sum() for n in names)) / norm
-        print(f"{name:<44} {(loss - ref_loss) / ref_loss:>+13.2e} {distance.item():>16.2%}")
+        apart = [distance(grads, ref, members) for members in groups.values()]
+        print(f"{name:<44} {(loss - ref_loss) / ref_loss:>+13.2e} {distance(grads, ref, names):>16.2%}  "
+              + " ".join(f"{d:>12.2%}" for d in apart))
     return 0
 
 

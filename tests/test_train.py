@@ -132,7 +132,8 @@ def test_bf16_weights_train_a_bf16_copy_and_update_the_fp32_weights(device):
         trainer.accumulate([make_batch(a), make_batch(b)])
         found[amp] = torch.cat([g.flatten() for g in grads(model)])
         assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
-    assert all(p.dtype == torch.bfloat16 and p.grad is None for p in trainer.bf16_copy.copy.parameters())
+    for name, p in trainer.bf16_copy.copy.named_parameters():
+        assert p.dtype == (torch.float32 if "norm" in name else torch.bfloat16) and p.grad is None, name
     error = {amp: float((found[amp] - found["none"]).norm() / found["none"].norm()) for amp in ("bf16", "bf16-weights")}
     assert error["bf16-weights"] < min(0.05, 3 * error["bf16"]), error
     model = tiny_model().to(device)
@@ -144,7 +145,34 @@ def test_bf16_weights_train_a_bf16_copy_and_update_the_fp32_weights(device):
     assert trainer.evaluate([batch]) < before
     trainer.bf16_copy.pull()
     for p, c in zip(model.parameters(), trainer.bf16_copy.copy.parameters()):
-        assert torch.equal(c, p.to(torch.bfloat16))
+        assert torch.equal(c, p.to(c.dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_bf16_copys_layer_norms_compute_in_float32(device):
+    """The copy's layer norms take and give bf16 but compute in fp32 with fp32 weights:
+    their weight and bias gradients, sums over every position of the batch, stay within
+    bf16 rounding of the fp32 norm's on the same inputs."""
+    from transformer.training.precision import Bf16Copy, Float32LayerNorm
+
+    copy = Bf16Copy(tiny_model().to(device)).copy
+    norms = [m for m in copy.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(type(m) is Float32LayerNorm and m.weight.dtype == torch.float32 for m in norms)
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(4000, 256, generator=g) + torch.randn(256, generator=g)).to(device, torch.bfloat16)
+    upstream = (1e-3 * torch.randn(4000, 256, generator=g)).to(device, torch.bfloat16)
+    found = {}
+    for kind in ("fp32", "copy"):
+        norm = torch.nn.LayerNorm(256).to(device)
+        if kind == "copy":
+            norm.__class__ = Float32LayerNorm
+        inputs = x.clone().requires_grad_() if kind == "copy" else x.float().requires_grad_()
+        out = norm(inputs)
+        assert out.dtype == inputs.dtype
+        out.backward(upstream.to(out.dtype))
+        found[kind] = [inputs.grad.float(), norm.weight.grad, norm.bias.grad]
+    for got, want in zip(found["copy"], found["fp32"]):
+        assert float((got - want).norm() / want.norm()) < 5e-3
 
 
 def test_bf16_weights_under_ddp_hand_over_the_gradients_after_the_last_micro_batch(monkeypatch):
