@@ -50,8 +50,9 @@ def run_cli(script: str, *args: str, input: str | None = None, cwd: Path | None 
 
 
 # Where the device-generic tests run: the CPU, and CUDA where there is one (on a GPU
-# machine benchmarks/gpu_check.py runs the suite).
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+# machine, benchmarks/gpu_check.py runs their files).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device"))]
 
 
 # A model small enough to train a few steps in seconds, as train.py flags.
