@@ -19,14 +19,22 @@ def test_every_benchmark_imports_and_describes_itself(script):
     assert "usage:" in result.stdout
 
 
-def test_train_speed_builds_batches_of_the_length_asked():
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (it imports machine.py from its own folder)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        spec = importlib.util.spec_from_file_location("train_speed", ROOT / "benchmarks" / "train_speed.py")
-        train_speed = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(train_speed)
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # a dataclass in it looks its module up there
+        spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+        sys.modules.pop(name, None)
+    return module
+
+
+def test_train_speed_builds_batches_of_the_length_asked():
+    train_speed = load_benchmark("train_speed")
     batches = train_speed.synthetic_batches(16, 64, 50, 2)
     assert len(batches) == 2 and all(isinstance(b, Batch) for b in batches)
     assert all(b.src.shape == (4, 16) and b.tgt_out.shape == (4, 16) and b.ntokens == 64 for b in batches)
@@ -50,15 +58,7 @@ def test_the_gpu_checks_set_only_keys_the_configs_take(tmp_path):
     there), and the runs it reads figures from must be distinct folders."""
     from transformer.config import load_config
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-        gpu_check = importlib.util.module_from_spec(spec)
-        sys.modules["gpu_check"] = gpu_check  # its dataclass looks its module up there
-        spec.loader.exec_module(gpu_check)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-        sys.modules.pop("gpu_check", None)
+    gpu_check = load_benchmark("gpu_check")
     for device in ("cuda", "cpu"):
         checks = gpu_check.plan(device, tmp_path, "configs/multi30k_base.yaml", 2.0, 100, quick=False)
         trained = [c for c in checks if c.run_dir is not None]
