@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from transformer.fast.dropout import LEVELS, Dropout, cpu_dropout
+from transformer.fast.dropout import LEVELS, Dropout, cpu_dropout, random_int16
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5, 0.9])
@@ -42,6 +42,17 @@ def test_masks_follow_the_seed_and_change_between_calls():
     torch.manual_seed(7)
     assert torch.equal(cpu_dropout(x, 0.5), a)
     assert not torch.equal(a, b)
+
+
+def test_every_bit_of_the_random_numbers_is_a_fair_coin():
+    torch.manual_seed(5)
+    n = 200_000
+    numbers = random_int16(n).to(torch.int32) & 0xFFFF
+    bits = (numbers.unsqueeze(1) >> torch.arange(16)) & 1  # (n, 16)
+    ones = bits.sum(0).double()
+    assert (abs(ones - n / 2) < 5 * math.sqrt(n / 4)).all(), ones  # five standard deviations
+    # Neighbouring numbers (from one 64-bit word and across words) are not tied together.
+    assert abs((numbers[1:] == numbers[:-1]).float().mean().item() - 2**-16) < 1e-4
 
 
 def test_odd_sizes_and_extreme_probabilities():
