@@ -52,6 +52,12 @@ def test_copy_benchmark_and_gradient_error_run_on_a_tiny_model(tiny_run):
     assert "attention in fp32" in result.stdout
 
 
+def test_step_profile_runs_on_a_tiny_model():
+    result = run_cli("benchmarks/step_profile.py", "--config", "configs/copy.yaml", *TINY, "--steps", "1", "--top", "3")
+    assert result.returncode == 0, result.stderr
+    assert "CPU:" in result.stdout and "matrix products" in result.stdout and "outside ops" in result.stdout
+
+
 def test_the_gpu_checks_set_only_keys_the_configs_take(tmp_path):
     """benchmarks/gpu_check.py runs where a GPU is lent, rarely and for minutes: every
     training run it plans must load with its overrides (a renamed key fails here, not
