@@ -12,7 +12,8 @@ Each call seeds its SFC64 stream with one draw from torch's default generator, a
 ``nn.Dropout`` draws from it: ``torch.manual_seed`` and saved generator states make
 the masks reproducible (exact resume depends on that), and numpy keeps a seeded
 generator's stream the same across its versions. On other devices it is
-``nn.Dropout`` itself."""
+``nn.Dropout`` itself.
+"""
 
 from __future__ import annotations
 
