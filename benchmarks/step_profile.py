@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from machine import describe  # noqa: E402
 
 from transformer.config import load_config  # noqa: E402
-from transformer.fast.flops import training_flops  # noqa: E402
+from transformer.fast.flops import batch_training_flops  # noqa: E402
 from transformer.fast.memory import keep_freed_memory  # noqa: E402
 
 WARMUP = 3
@@ -99,13 +99,13 @@ def main() -> int:
         trainer.train_step([batch])
     seconds = time.perf_counter() - start
     tokens = sum(b.ntokens for b in timed)
-    flops = sum(training_flops(cfg.model, task.tokenizer.tgt_vocab_size, b.src_mask.sum(dim=(1, 2)).tolist(),
-                               (b.tgt_in != task.tokenizer.pad_id).sum(dim=1).tolist()) for b in timed)
-    peak = peaks["fp32" if cfg.train.amp == "none" else "bf16"]
+    flops = sum(batch_training_flops(cfg.model, task.tokenizer.tgt_vocab_size, b, task.tokenizer.pad_id)
+                for b in timed)
+    precision = "fp32" if cfg.train.amp == "none" else "bf16"
     step_ms = 1000 * seconds / len(timed)
     print(f"\n{Path(args.config).name}, train.amp {cfg.train.amp}: {tokens / seconds:,.0f} target tokens/s, "
           f"{step_ms:.0f} ms a step, {flops / tokens / 1e6:.1f} MFLOP a target token, "
-          f"{100 * flops / seconds / 1e9 / peak:.1f}% of the {'fp32' if cfg.train.amp == 'none' else 'bf16'} "
+          f"{100 * flops / seconds / 1e9 / peaks[precision]:.1f}% of the {precision} "
           f"matmul peak ({len(timed)} steps, {tokens / len(timed):,.0f} target tokens a step)")
 
     from torch.profiler import ProfilerActivity, profile
@@ -119,7 +119,8 @@ def main() -> int:
     n = len(timed)
     by_kind: dict[str, float] = {}
     for e in events:
-        by_kind[kind(e.key)] = by_kind.get(kind(e.key), 0.0) + e.self_cpu_time_total / 1000 / n
+        k = kind(e.key)
+        by_kind[k] = by_kind.get(k, 0.0) + e.self_cpu_time_total / 1000 / n
     ops_ms = sum(by_kind.values())
     print(f"\nunder the profiler: {profiled_ms:.0f} ms a step, of which ops {ops_ms:.0f} ms (self time)")
     print(f"{'kind':<28} {'ms a step':>9} {'of the step':>11}")

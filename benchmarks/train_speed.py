@@ -40,7 +40,7 @@ from machine import cpu_features, describe, sync  # noqa: E402
 
 from transformer.config import Config, load_config  # noqa: E402
 from transformer.data.batching import Batch  # noqa: E402
-from transformer.fast.flops import training_flops  # noqa: E402
+from transformer.fast.flops import batch_training_flops  # noqa: E402
 from transformer.fast.memory import keep_freed_memory  # noqa: E402
 
 WARMUP = 3  # steps run before the clock starts (1 for the base config: its steps are long)
@@ -98,9 +98,7 @@ def measure(spec: dict) -> dict:
             start = time.perf_counter()
         trainer.train_step([batch])
         if i >= warmup:
-            src_len = batch.src_mask.sum(dim=(1, 2)).tolist()
-            tgt_len = (batch.tgt_in != tokenizer.pad_id).sum(dim=1).tolist()
-            flops += training_flops(cfg.model, tokenizer.tgt_vocab_size, src_len, tgt_len)
+            flops += batch_training_flops(cfg.model, tokenizer.tgt_vocab_size, batch, tokenizer.pad_id)
             tokens += batch.ntokens
     sync(device)
     seconds = time.perf_counter() - start

@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from transformer.config import ModelConfig
 from transformer.data.batching import Batch
-from transformer.fast.flops import forward_flops, training_flops
+from transformer.fast.flops import batch_training_flops, forward_flops, training_flops
 from transformer.model import make_model
 
 CFG = ModelConfig(N=2, d_model=32, d_ff=48, h=4, dropout=0.0, attention="explicit")
@@ -45,3 +45,10 @@ def test_flops_add_over_sentences_and_check_lengths():
     assert forward_flops(CFG, VOCAB, [4, 5], [6, 3]) == one + two
     with pytest.raises(ValueError, match="2 source lengths for 1 target"):
         forward_flops(CFG, VOCAB, [4, 5], [6])
+
+
+def test_a_padded_batch_counts_its_real_lengths():
+    src = torch.tensor([[5, 6, 7, 0], [5, 6, 7, 8]])
+    tgt = torch.tensor([[1, 5, 6, 0, 0], [1, 5, 6, 7, 8]])  # decoder inputs of 3 and 4 tokens
+    batch = Batch(src, tgt, pad=0)
+    assert batch_training_flops(CFG, VOCAB, batch, 0) == training_flops(CFG, VOCAB, [3, 4], [3, 4])

@@ -15,8 +15,12 @@ measured matmul peak gives the utilisation (``benchmarks/train_speed.py``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from transformer.config import ModelConfig
+
+if TYPE_CHECKING:
+    from transformer.data.batching import Batch
 
 
 def forward_flops(cfg: ModelConfig, tgt_vocab: int, src_lengths: Sequence[int], tgt_lengths: Sequence[int]) -> int:
@@ -53,3 +57,10 @@ def forward_flops(cfg: ModelConfig, tgt_vocab: int, src_lengths: Sequence[int], 
 def training_flops(cfg: ModelConfig, tgt_vocab: int, src_lengths: Sequence[int], tgt_lengths: Sequence[int]) -> int:
     """FLOPs of one forward and backward pass: three times the forward pass."""
     return 3 * forward_flops(cfg, tgt_vocab, src_lengths, tgt_lengths)
+
+
+def batch_training_flops(cfg: ModelConfig, tgt_vocab: int, batch: Batch, pad: int) -> int:
+    """``training_flops`` of a batch, its sentences' lengths read from its padding."""
+    src_lengths = batch.src_mask.sum(dim=(1, 2)).tolist()
+    tgt_lengths = (batch.tgt_in != pad).sum(dim=1).tolist()
+    return training_flops(cfg, tgt_vocab, src_lengths, tgt_lengths)
