@@ -69,6 +69,7 @@ class DataConfig:
     tokenizer: Literal["sentencepiece", "spacy"] = "sentencepiece"  # joint subwords, or spaCy words
     vocab_size: int = 8000  # SentencePiece model size
     sp_model_type: Literal["unigram", "bpe"] = "unigram"
+    sp_alpha: float = 0.0  # >0: sample each epoch's subwords with this alpha (data/sampling.py); 0: off
     min_freq: int = 2  # spaCy word vocabularies keep words seen at least this often
     max_len: int = 100  # training pairs with more tokens (specials aside) on either side are dropped
     # The prepared corpus (token ids on disk, made on first use and reused while its files
@@ -242,7 +243,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
 
 def _check(cfg: Config) -> None:
     """Constraints between fields, each reported under the key to change."""
-    m, t = cfg.model, cfg.train
+    m, t, d = cfg.model, cfg.train, cfg.data
     positive = {
         "model.N": m.N, "model.d_model": m.d_model, "model.d_ff": m.d_ff, "model.h": m.h,
         "model.max_len": m.max_len, "train.accum_steps": t.accum_steps, "train.warmup": t.warmup,
@@ -274,14 +275,14 @@ def _check(cfg: Config) -> None:
         check_nbest(cfg.decode.nbest, cfg.decode.beam_size)
     except ConfigError as e:
         raise ConfigError(f"'decode.nbest': {e}") from None
-    if t.keep_checkpoints < 0:
-        raise ConfigError(f"'train.keep_checkpoints' must be 0 or more, got {t.keep_checkpoints}")
-    if cfg.data.tokenizer_sample < 0:
-        raise ConfigError(f"'data.tokenizer_sample' must be 0 (all pairs) or more, got {cfg.data.tokenizer_sample}")
+    for key, value in {"train.keep_checkpoints": t.keep_checkpoints, "data.tokenizer_sample": d.tokenizer_sample,
+                       "data.workers": d.workers, "data.sp_alpha": d.sp_alpha}.items():
+        if value < 0:
+            raise ConfigError(f"'{key}' must be 0 or more, got {value}")
     if cfg.data.prepare_workers is not None and cfg.data.prepare_workers < 1:
         raise ConfigError(f"'data.prepare_workers' must be at least 1 (or null), got {cfg.data.prepare_workers}")
-    if cfg.data.workers < 0:
-        raise ConfigError(f"'data.workers' must be 0 or more, got {cfg.data.workers}")
+    if d.sp_alpha > 0 and (d.task, d.tokenizer) != ("translation", "sentencepiece"):
+        raise ConfigError(f"'data.sp_alpha' needs SentencePiece translation, not {d.tokenizer} on the {d.task} task")
     # A training sentence has up to data.max_len tokens plus <s> and </s>.
     if cfg.data.max_len + 2 > cfg.data.batch_tokens:
         raise ConfigError(

@@ -85,22 +85,30 @@ def damaged(folder: Path, manifest: dict[str, Any]) -> str | None:
 
 
 class Split:
-    """One split of a prepared corpus: sentence pairs by index, their lengths in memory.
+    """One split of a parallel corpus as token ids: sentence pairs by index, their
+    lengths in memory.
 
     Args:
-        folder: the prepared corpus.
         name: "train", "valid" or "test".
-        dtype: the ids' type (the manifest's ``dtype``).
+        ids: for side "src" and "tgt", every sentence's ids one after the other.
+        offsets: for each side, int64 offsets into ``ids``, one more than there are pairs.
     """
 
-    def __init__(self, folder: Path, name: str, dtype: np.dtype):
-        self.name = name
-        self.ids, self.offsets = {}, {}
-        for side in SIDES:
-            self.ids[side] = _memmap(folder / f"{name}.{side}.bin", dtype)
-            self.offsets[side] = _memmap(folder / f"{name}.{side}.idx", np.dtype(np.int64))
+    def __init__(self, name: str, ids: dict[str, np.ndarray], offsets: dict[str, np.ndarray]):
+        self.name, self.ids, self.offsets = name, ids, offsets
         self.src_lengths = np.diff(self.offsets["src"]).astype(np.int32)
         self.tgt_lengths = np.diff(self.offsets["tgt"]).astype(np.int32)
+
+    @classmethod
+    def open(cls, folder: Path, name: str, dtype: np.dtype) -> "Split":
+        """Split ``name`` of the prepared corpus in ``folder``, its ids left on disk (memmaps).
+
+        Args:
+            dtype: the ids' type (the manifest's ``dtype``).
+        """
+        ids = {side: _memmap(folder / f"{name}.{side}.bin", dtype) for side in SIDES}
+        offsets = {side: _memmap(folder / f"{name}.{side}.idx", np.dtype(np.int64)) for side in SIDES}
+        return cls(name, ids, offsets)
 
     def __len__(self) -> int:
         return len(self.src_lengths)
@@ -177,7 +185,7 @@ class PreparedCorpus:
         except Exception as e:  # any failure to load means a damaged file
             raise DataError(f"{folder / 'tokenizer.pt'}: cannot load the tokenizer ({e})") from e
         dtype = np.dtype(manifest["dtype"])
-        splits = {name: Split(folder, name, dtype) if name in manifest["splits"] else None for name in SPLITS}
+        splits = {name: Split.open(folder, name, dtype) if name in manifest["splits"] else None for name in SPLITS}
         for name, split in splits.items():
             if split is not None and len(split) != manifest["splits"][name]["pairs"]:
                 raise DataError(f"{folder}: {name} holds {len(split)} pairs, the manifest says "

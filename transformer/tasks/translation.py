@@ -16,7 +16,8 @@ from transformer.data.files import read_parallel
 from transformer.data.multi30k import ensure_multi30k, resolve_data_dir, split_paths
 from transformer.data.prepare import ensure_prepared
 from transformer.data.prepared import Split
-from transformer.data.tokenizers import Tokenizer
+from transformer.data.sampling import Resegmenter
+from transformer.data.tokenizers import SentencePieceTokenizer, Tokenizer
 from transformer.inference.scoring import score
 from transformer.inference.translator import Translator, decoding_name
 from transformer.model.architecture import EncoderDecoder
@@ -90,11 +91,17 @@ class TranslationTask:
         budget = max(self.cfg.batch_tokens, int(np.maximum(split.src_lengths, split.tgt_lengths).max(initial=0)))
         plan = plan_batches(split.src_lengths, split.tgt_lengths, budget)
         self._valid = list(_Lazy(_Collated(split, plan, 0, self.tokenizer.pad_id)))
+        self._resegmenter = None
+        if self.cfg.sp_alpha > 0:
+            if not isinstance(self.tokenizer, SentencePieceTokenizer):
+                raise ConfigError(f"'data.sp_alpha' needs a SentencePiece tokenizer; this one is {self.tokenizer.kind}")
+            self._resegmenter = Resegmenter(self.tokenizer, self.corpus.train, self.cfg.sp_alpha, self.cfg.max_len)
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterable[Batch]:
-        """Epoch ``epoch``'s batches from batch ``start`` on: a fresh shuffle,
-        reproducible from the seed and epoch. Only the batches used are gathered."""
-        split = self.corpus.train
+        """Epoch ``epoch``'s batches from batch ``start`` on: a fresh shuffle (and with
+        ``data.sp_alpha``, a fresh segmentation), reproducible from the seed and epoch.
+        Only the batches used are gathered."""
+        split = self.corpus.train if self._resegmenter is None else self._resegmenter.epoch(self.seed, epoch)
         plan = plan_batches(split.src_lengths, split.tgt_lengths, self.cfg.batch_tokens,
                             seeded_generator(self.seed, epoch + 1))
         dataset = _Collated(split, plan, start, self.tokenizer.pad_id)
