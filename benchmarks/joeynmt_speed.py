@@ -16,10 +16,8 @@ of quoting it, and prints:
 
 Each round runs, one after another, in fresh processes:
   * ours, as configured: ``python train.py`` with configs/multi30k.yaml as it is (3+3
-    layers, d_model 256, joint SentencePiece unigram 8k sampled anew each epoch
-    (data.sp_alpha; the first epoch's sampling, about 2 s, comes before the first step and
-    is not timed; Joey NMT segments the best way), tied embeddings, dropout 0.1, Adam and
-    the Noam schedule, 4,096-token batches, its train.amp: a bf16 copy of the
+    layers, d_model 256, joint SentencePiece unigram 8k, tied embeddings, dropout 0.2,
+    Adam and the Noam schedule, 4,096-token batches, its train.amp: a bf16 copy of the
     weights, bf16-weights), for --steps optimizer steps,
     with ``--set`` overrides that change only what happens around the steps:
     train.max_steps, train.log_every, train.device=cpu, no validation before the end
@@ -77,7 +75,7 @@ them (config.py, builders.py, model.py, tokenizers.py, vocabulary.py):
     file is its pieces in id order. Without one shared voc_file Joey NMT builds a
     vocabulary per language and refuses to tie the embeddings.
   * model: ``encoder.type: transformer`` (Joey NMT's default encoder is recurrent), 3+3
-    layers, 4 heads, hidden_size and embedding_dim 256, ff_size 1024, dropout 0.1 (also
+    layers, 4 heads, hidden_size and embedding_dim 256, ff_size 1024, dropout 0.2 (also
     on the embeddings), scaled embeddings, ``layer_norm: pre`` on both sides (its
     decoder's default is post), tied_embeddings and tied_softmax: 7.58M parameters to
     our 7.59M.
@@ -246,8 +244,8 @@ def joey_config(work: Path, model_dir: Path, steps: int, log_every: int) -> dict
 
     def stack() -> dict:
         return {"type": "transformer", "num_layers": 3, "num_heads": 4, "hidden_size": 256, "ff_size": 1024,
-                "dropout": 0.1, "layer_norm": "pre",
-                "embeddings": {"embedding_dim": 256, "scale": True, "dropout": 0.1}}
+                "dropout": 0.2, "layer_norm": "pre",
+                "embeddings": {"embedding_dim": 256, "scale": True, "dropout": 0.2}}
 
     return {
         "name": "joeynmt_speed", "joeynmt_version": "2.3.0", "model_dir": str(model_dir),
