@@ -23,7 +23,7 @@ def task(slices):  # noqa: F811
     return TranslationTask(load_config(None, slice_overrides(slices, "data.sp_alpha=0.5")))
 
 
-def test_an_epochs_segmentation_depends_on_the_seed_and_epoch_alone(task, slices):  # noqa: F811
+def test_in_one_process_an_epochs_segmentation_follows_from_the_seed_and_epoch(task, slices):  # noqa: F811
     again = TranslationTask(load_config(None, slice_overrides(slices, "data.sp_alpha=0.5")), tokenizer=task.tokenizer)
     # Sampling elsewhere in the process in between changes nothing.
     task.tokenizer.sp.encode("Ein Hund läuft über die Wiese.", enable_sampling=True, alpha=0.1, nbest_size=-1)
@@ -35,7 +35,8 @@ def test_an_epochs_segmentation_depends_on_the_seed_and_epoch_alone(task, slices
     assert segment(again, 1234, 2) == first
     assert segment(task, 1234, 3) != first and segment(task, 4321, 2) != first
     assert pairs(again.train_batches(2)) == pairs(task.train_batches(2))
-    # A resumed epoch starts at its batch `start` and goes on as the whole epoch does.
+    # An epoch taken from its batch `start` on goes on as the whole epoch does (within
+    # one process; another process samples another segmentation: sampling.py).
     assert pairs(task.train_batches(2, start=3)) == pairs(list(task.train_batches(2))[3:])
 
 
@@ -73,3 +74,22 @@ def test_sp_alpha_errors_name_the_key():
         load_config(None, ["data.sp_alpha=0.5", "data.tokenizer=spacy"])
     with pytest.raises(ConfigError, match="data.sp_alpha.*copy"):
         load_config(None, ["data.sp_alpha=0.5", "data.task=copy"])
+
+
+def test_several_processes_are_refused(slices, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="data.sp_alpha.*one process"):
+        TranslationTask(load_config(None, slice_overrides(slices, "data.sp_alpha=0.5")))
+
+
+def test_a_resume_says_its_segmentations_differ(task, slices, caplog):  # noqa: F811
+    fresh = TranslationTask(load_config(None, slice_overrides(slices, "data.sp_alpha=0.5")), tokenizer=task.tokenizer)
+    with caplog.at_level("WARNING"):
+        fresh.train_batches(0)  # a run's start
+        assert not caplog.records
+        resumed = TranslationTask(load_config(None, slice_overrides(slices, "data.sp_alpha=0.5")),
+                                  tokenizer=task.tokenizer)
+        resumed.train_batches(2)  # a resume at an epoch's start
+        resumed.train_batches(3)
+    assert len(caplog.records) == 1 and "resuming at epoch 3, batch 0" in caplog.records[0].getMessage()

@@ -9,6 +9,13 @@ keep the best segmentation.
 ``data.sp_alpha`` sets the sampling: for a unigram model the smoothing of the
 segmentations' probabilities (over all segmentations; smaller: more varied, and longer,
 sentences), for a BPE model the probability that a merge is dropped (1 or more: characters).
+
+SentencePiece draws the samples from its own generator. Seeded before each epoch, it
+repeats an epoch's segmentation within one process, but not in another one (measured
+with sentencepiece 0.2.x): the processes of a torchrun launch would disagree on the
+epoch's batches, so several processes are refused; and a resumed run samples other
+segmentations than the interrupted one would have, so it trains on other batches from
+there on (a warning says so).
 """
 
 from __future__ import annotations
@@ -32,8 +39,7 @@ class Resegmenter:
 
     The split's text is decoded from its ids once and held in memory (a few bytes a
     character: meant for corpora of up to a few million pairs). An epoch's segmentation
-    depends on the run's seed and the epoch alone, so a resumed run, and every process
-    of a distributed one, sees the same pairs.
+    is drawn from the run's seed and the epoch (reproducible within a process only, above).
 
     Args:
         tokenizer: the SentencePiece model that made the split's ids.
@@ -56,7 +62,7 @@ class Resegmenter:
         draw = torch.randint(0, 2**32, (), generator=seeded_generator(seed, STREAM + epoch))
         spm.set_random_generator_seed(int(draw))
         # One thread: each batch call runs in a fresh thread whose generator starts from
-        # the seed just set, so the result depends on the seed alone.
+        # the seed just set.
         pieces = self.sp.encode(self.text, enable_sampling=True, alpha=self.alpha, nbest_size=-1, num_threads=1)
         n = len(self.split)
         sides = {"src": ([], [self.eos_id]), "tgt": ([self.bos_id], [self.eos_id])}
