@@ -26,13 +26,13 @@ def task(slices):  # noqa: F811
 
 
 def test_in_one_process_an_epochs_segmentation_follows_from_the_seed_and_epoch(task, slices):  # noqa: F811
-    again = TranslationTask(load_config(None, slice_overrides(slices, "data.sp_alpha=0.5")), tokenizer=task.tokenizer)
-    # Sampling elsewhere in the process in between changes nothing.
-    task.tokenizer.sp.encode("Ein Hund läuft über die Wiese.", enable_sampling=True, alpha=0.1, nbest_size=-1)
     def segment(t, seed, epoch):
         split = t._resegmenter.epoch(seed, epoch)
         return [split.pair(i) for i in range(len(split))]
 
+    again = TranslationTask(load_config(None, slice_overrides(slices, "data.sp_alpha=0.5")), tokenizer=task.tokenizer)
+    # Sampling elsewhere in the process in between changes nothing.
+    task.tokenizer.sp.encode("Ein Hund läuft über die Wiese.", enable_sampling=True, alpha=0.1, nbest_size=-1)
     first = segment(task, 1234, 2)
     assert segment(again, 1234, 2) == first
     assert segment(task, 1234, 3) != first and segment(task, 4321, 2) != first

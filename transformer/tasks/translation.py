@@ -102,9 +102,10 @@ class TranslationTask:
             self._resegmenter = Resegmenter(self.tokenizer, self.corpus.train, self.cfg.sp_alpha, self.cfg.max_len)
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterable[Batch]:
-        """Epoch ``epoch``'s batches from batch ``start`` on: a fresh shuffle (and with
-        ``data.sp_alpha``, a fresh segmentation), reproducible from the seed and epoch.
-        Only the batches used are gathered."""
+        """Epoch ``epoch``'s batches from batch ``start`` on: a fresh shuffle, reproducible
+        from the seed and epoch (with ``data.sp_alpha`` also a fresh segmentation, which
+        repeats only within one process: ``transformer.data.sampling``). Only the batches
+        used are gathered."""
         split = self.corpus.train if self._resegmenter is None else self._resegmenter.epoch(self.seed, epoch)
         if self._resegmenter is not None and (epoch or start) and not self._sampled:
             log.warning("data.sp_alpha: resuming at epoch %d, batch %d, this process samples other segmentations "
