@@ -53,7 +53,8 @@ class Resegmenter:
         self.sp, self.split, self.alpha, self.max_len = tokenizer.sp, split, alpha, max_len
         self.bos_id, self.eos_id = tokenizer.bos_id, tokenizer.eos_id
         # Both sides in one list (sources, then targets); SentencePiece skips <s> and </s>.
-        self.text = self.sp.decode([split.pair(i)[k] for k in range(2) for i in range(len(split))])
+        sources, targets = zip(*(split.pair(i) for i in range(len(split)))) if len(split) else ((), ())
+        self.text = self.sp.decode([*sources, *targets])
 
     def epoch(self, seed: int, epoch: int) -> Split:
         """The split of epoch ``epoch`` (0-based) of a run seeded with ``seed``."""
