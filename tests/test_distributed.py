@@ -172,13 +172,14 @@ def test_a_distributed_run_stopped_by_one_process_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("amp, atol", [("bf16", 0.0), ("bf16-weights", 2e-3)])
-def test_two_processes_train_from_one_prepared_corpus_as_one_process_does(tmp_path, amp, atol):
+@pytest.mark.parametrize("amp, atol, sp_alpha", [("bf16", 0.0, 0.0), ("bf16-weights", 2e-3, 0.0), ("bf16", 0.0, 0.5)])
+def test_two_processes_train_from_one_prepared_corpus_as_one_process_does(tmp_path, amp, atol, sp_alpha):
     """Translation: rank 0 prepares the corpus while rank 1 waits, both read the same
     files, and the weights equal one process's that accumulates their batches and reuses
     the prepared corpus as it is. With bf16 autocast the gradients are summed in fp32 on
     both sides, so the weights are equal; with a bf16 copy of the weights, the processes'
-    gradients are all-reduced in bf16, so they are equal up to its rounding."""
+    gradients are all-reduced in bf16, so they are equal up to its rounding. With
+    data.sp_alpha all three processes sample the same segmentation of the corpus."""
     from test_prepare import multi30k_pairs, write_corpus
 
     pairs = multi30k_pairs("train", 600)
@@ -189,6 +190,7 @@ def test_two_processes_train_from_one_prepared_corpus_as_one_process_does(tmp_pa
         f"{corpus['valid'][1]}]", "data.vocab_size=500", "data.batch_tokens=600", f"data.prepared={prepared}",
         "model.N=1", "model.d_model=32", "model.d_ff=64", "model.h=4", "model.dropout=0", "decode.max_len_b=5",
         "train.max_steps=4", "train.warmup=10", "train.lr_factor=1", "train.adam_eps=0.01", f"train.amp={amp}",
+        f"data.sp_alpha={sp_alpha}",
     ]
     run = tmp_path / "ddp"
     result = torchrun(tmp_path, tmp_path / "dump", "--config", "configs/multi30k.yaml",

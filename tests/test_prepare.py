@@ -256,19 +256,19 @@ def test_every_kept_pair_is_in_one_batch_per_epoch(corpus, tmp_path):
     assert [b.src.tolist() for b in task.train_batches(0)] != [b.src.tolist() for b in task.train_batches(1)]
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_a_resumed_translation_run_equals_the_uninterrupted_one(corpus, tmp_path, monkeypatch, workers):
+@pytest.mark.parametrize("workers, sp_alpha", [(0, 0.0), (1, 0.0), (0, 0.5)])
+def test_a_resumed_translation_run_equals_the_uninterrupted_one(corpus, tmp_path, monkeypatch, workers, sp_alpha):
     """Stopped inside its first epoch and resumed, a run on the prepared corpus ends
     with the same weights and validation losses (batches gathered here, or in a
-    DataLoader worker)."""
+    DataLoader worker; the prepared segmentation, or one sampled for the epoch)."""
     from transformer.training.checkpoint import load_checkpoint
     from transformer.training.run import resume_state, run_training
     from transformer.training.trainer import Trainer
 
     def config(run_dir):
         return load_config(None, overrides(corpus, tmp_path / "prepared", f"data.workers={workers}",
-                                           "model.N=1", "model.d_model=32", "model.d_ff=64", "model.h=4",
-                                           "model.dropout=0.2", "decode.max_len_b=5", "train.max_steps=8",
+                                           f"data.sp_alpha={sp_alpha}", "model.N=1", "model.d_model=32", "model.d_ff=64",
+                                           "model.h=4", "model.dropout=0.2", "decode.max_len_b=5", "train.max_steps=8",
                                            "train.eval_every=4", f"train.run_dir={run_dir}"))
 
     whole = run_training(config(tmp_path / "whole"))

@@ -1,13 +1,22 @@
 """Subword regularisation (data.sp_alpha): each epoch's training pairs segmented anew."""
 
-import logging
+import collections
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
 
+import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from test_translation import slice_overrides, slices  # noqa: F401 (a fixture)
 
 from transformer.config import ConfigError, load_config
-from transformer.data.sampling import Resegmenter
+from transformer.data.sampling import Lattices, Resegmenter
 from transformer.tasks.translation import TranslationTask
 
 
@@ -25,21 +34,79 @@ def task(slices):  # noqa: F811
     return TranslationTask(load_config(None, slice_overrides(slices, "data.sp_alpha=0.5")))
 
 
-def test_in_one_process_an_epochs_segmentation_follows_from_the_seed_and_epoch(task, slices):  # noqa: F811
-    def segment(t, seed, epoch):
-        split = t._resegmenter.epoch(seed, epoch)
-        return [split.pair(i) for i in range(len(split))]
+def digest(split):
+    return hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in (*split.ids.values(), *split.offsets.values()))
+                          ).hexdigest()
 
-    again = TranslationTask(load_config(None, slice_overrides(slices, "data.sp_alpha=0.5")), tokenizer=task.tokenizer)
-    # Sampling elsewhere in the process in between changes nothing.
-    task.tokenizer.sp.encode("Ein Hund läuft über die Wiese.", enable_sampling=True, alpha=0.1, nbest_size=-1)
-    first = segment(task, 1234, 2)
-    assert segment(again, 1234, 2) == first
-    assert segment(task, 1234, 3) != first and segment(task, 4321, 2) != first
+
+# Another process's digest of an epoch: argv is the config overrides, the seed, the epoch.
+ANOTHER_PROCESS = textwrap.dedent("""
+    import json, sys
+    from test_sampling import digest
+    from transformer.config import load_config
+    from transformer.tasks.translation import TranslationTask
+    overrides, seed, epoch = json.loads(sys.argv[1])
+    print(digest(TranslationTask(load_config(None, overrides))._resegmenter.epoch(seed, epoch)))
+""")
+
+
+def test_an_epochs_segmentation_follows_from_the_seed_and_epoch_in_any_process(task, slices):  # noqa: F811
+    overrides = slice_overrides(slices, "data.sp_alpha=0.5")
+    again = TranslationTask(load_config(None, overrides), tokenizer=task.tokenizer)
+    first = digest(task._resegmenter.epoch(1234, 2))
+    assert digest(again._resegmenter.epoch(1234, 2)) == first
+    assert digest(task._resegmenter.epoch(1234, 3)) != first and digest(task._resegmenter.epoch(4321, 2)) != first
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    other = subprocess.run([sys.executable, "-c", ANOTHER_PROCESS, json.dumps([overrides, 1234, 2])],
+                           check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.strip() == first
     assert pairs(again.train_batches(2)) == pairs(task.train_batches(2))
-    # An epoch taken from its batch `start` on goes on as the whole epoch does (within
-    # one process; another process samples another segmentation: sampling.py).
+    # An epoch taken from its batch `start` on (a resume) goes on as the whole epoch does.
     assert pairs(task.train_batches(2, start=3)) == pairs(list(task.train_batches(2))[3:])
+
+
+def exact(tokenizer, word, alpha):
+    """Every segmentation of ``word`` (normalised text) into normal pieces, with its probability."""
+    sp = tokenizer.sp
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
+             if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))}
+
+    def ways(text):
+        if not text:
+            yield ()
+        for k in range(1, len(text) + 1):
+            if text[:k] in vocab:
+                yield from ((vocab[text[:k]], *rest) for rest in ways(text[k:]))
+
+    weights = {seg: math.exp(alpha * sum(sp.get_score(i) for i in seg)) for seg in ways(word)}
+    total = sum(weights.values())
+    return {seg: w / total for seg, w in weights.items()}
+
+
+def distance(counts, probs):
+    """Total variation distance between draws (a Counter) and a distribution."""
+    n = sum(counts.values())
+    return sum(abs(counts[k] / n - probs.get(k, 0.0)) for k in set(counts) | set(probs)) / 2
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.5])
+def test_a_words_segmentations_are_drawn_with_sentencepieces_probabilities(task, alpha):
+    """Each segmentation is drawn with probability proportional to exp(alpha * its pieces'
+    scores), as SentencePiece's own sampler draws them."""
+    sp, n = task.tokenizer.sp, 20000
+    rng = np.random.default_rng(0)
+    for text in ["spielen", "Kinder", "wearing"]:
+        best = tuple(sp.encode(text))
+        probs = exact(task.tokenizer, "\u2581" + text, alpha)
+        assert len(probs) >= 8 and max(probs.values()) < 0.95  # a word worth sampling
+        count, pieces = Lattices(task.tokenizer, [best], alpha).sample(np.zeros(n, dtype=np.int64), rng)
+        ends = np.cumsum(count)
+        ours = collections.Counter(tuple(pieces[e - c:e].tolist()) for c, e in zip(count, ends))
+        theirs = collections.Counter(tuple(sp.encode(text, enable_sampling=True, alpha=alpha, nbest_size=-1))
+                                     for _ in range(n))
+        assert distance(theirs, probs) < 0.04, text  # the reference: SentencePiece agrees with `exact`
+        assert distance(ours, probs) < 0.04, text
 
 
 def test_the_sampled_pairs_spell_the_same_text(task):
@@ -76,22 +143,5 @@ def test_sp_alpha_errors_name_the_key():
         load_config(None, ["data.sp_alpha=0.5", "data.tokenizer=spacy"])
     with pytest.raises(ConfigError, match="data.sp_alpha.*copy"):
         load_config(None, ["data.sp_alpha=0.5", "data.task=copy"])
-
-
-def test_several_processes_are_refused(slices, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
-    with pytest.raises(ConfigError, match="data.sp_alpha.*one process"):
-        TranslationTask(load_config(None, slice_overrides(slices, "data.sp_alpha=0.5")))
-
-
-def test_a_resume_says_its_segmentations_differ(task, slices, caplog):  # noqa: F811
-    cfg = load_config(None, slice_overrides(slices, "data.sp_alpha=0.5"))
-    fresh, resumed = TranslationTask(cfg, tokenizer=task.tokenizer), TranslationTask(cfg, tokenizer=task.tokenizer)
-    warnings = lambda: [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    with caplog.at_level(logging.WARNING):
-        fresh.train_batches(0)  # a run's start
-        assert warnings() == []
-        resumed.train_batches(2)  # a resume at an epoch's start
-        resumed.train_batches(3)
-    assert len(warnings()) == 1 and "resuming at epoch 3, batch 0" in warnings()[0]
+    with pytest.raises(ConfigError, match="data.sp_alpha.*unigram.*bpe"):
+        load_config(None, ["data.sp_alpha=0.5", "data.sp_model_type=bpe"])

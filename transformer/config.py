@@ -69,7 +69,7 @@ class DataConfig:
     tokenizer: Literal["sentencepiece", "spacy"] = "sentencepiece"  # joint subwords, or spaCy words
     vocab_size: int = 8000  # SentencePiece model size
     sp_model_type: Literal["unigram", "bpe"] = "unigram"
-    sp_alpha: float = 0.0  # >0: sample each epoch's subwords with this alpha (data/sampling.py); 0: off
+    sp_alpha: float = 0.0  # >0: sample each epoch's unigram subwords with this alpha (data/sampling.py); 0: off
     min_freq: int = 2  # spaCy word vocabularies keep words seen at least this often
     max_len: int = 100  # training pairs with more tokens (specials aside) on either side are dropped
     # The prepared corpus (token ids on disk, made on first use and reused while its files
@@ -249,9 +249,8 @@ def _check(cfg: Config) -> None:
         "model.max_len": m.max_len, "train.accum_steps": t.accum_steps, "train.warmup": t.warmup,
         "train.epochs": t.epochs, "train.log_every": t.log_every, "decode.batch_size": cfg.decode.batch_size,
         "decode.beam_size": cfg.decode.beam_size, "decode.nbest": cfg.decode.nbest,
-        "decode.batch_tokens": cfg.decode.batch_tokens,
-        "data.vocab_size": cfg.data.vocab_size, "data.min_freq": cfg.data.min_freq, "data.max_len": cfg.data.max_len,
-        "data.batch_tokens": cfg.data.batch_tokens,
+        "decode.batch_tokens": cfg.decode.batch_tokens, "data.vocab_size": d.vocab_size, "data.min_freq": d.min_freq,
+        "data.max_len": d.max_len, "data.batch_tokens": d.batch_tokens,
     }
     optional = {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every, "train.patience": t.patience,
                 "train.max_minutes": t.max_minutes, "decode.workers": cfg.decode.workers}
@@ -281,8 +280,9 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"'{key}' must be 0 or more, got {value}")
     if cfg.data.prepare_workers is not None and cfg.data.prepare_workers < 1:
         raise ConfigError(f"'data.prepare_workers' must be at least 1 (or null), got {cfg.data.prepare_workers}")
-    if d.sp_alpha > 0 and (d.task, d.tokenizer) != ("translation", "sentencepiece"):
-        raise ConfigError(f"'data.sp_alpha' needs SentencePiece translation, not {d.tokenizer} on the {d.task} task")
+    if d.sp_alpha > 0 and (d.task, d.tokenizer, d.sp_model_type) != ("translation", "sentencepiece", "unigram"):
+        raise ConfigError(f"'data.sp_alpha' needs a unigram SentencePiece model for translation, not "
+                          f"{d.tokenizer} ({d.sp_model_type}) on the {d.task} task")
     # A training sentence has up to data.max_len tokens plus <s> and </s>.
     if cfg.data.max_len + 2 > cfg.data.batch_tokens:
         raise ConfigError(

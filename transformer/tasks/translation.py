@@ -8,7 +8,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from transformer.config import Config, ConfigError, DataConfig
@@ -92,25 +91,17 @@ class TranslationTask:
         budget = max(self.cfg.batch_tokens, int(np.maximum(split.src_lengths, split.tgt_lengths).max(initial=0)))
         plan = plan_batches(split.src_lengths, split.tgt_lengths, budget)
         self._valid = list(_Lazy(_Collated(split, plan, 0, self.tokenizer.pad_id)))
-        self._resegmenter, self._sampled = None, False
+        self._resegmenter = None
         if self.cfg.sp_alpha > 0:
             if not isinstance(self.tokenizer, SentencePieceTokenizer):
                 raise ConfigError(f"'data.sp_alpha' needs a SentencePiece tokenizer; this one is {self.tokenizer.kind}")
-            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-                raise ConfigError("'data.sp_alpha' works in one process only: SentencePiece's sampling differs "
-                                  "between processes, which must agree on each epoch's batches")
             self._resegmenter = Resegmenter(self.tokenizer, self.corpus.train, self.cfg.sp_alpha, self.cfg.max_len)
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterable[Batch]:
         """Epoch ``epoch``'s batches from batch ``start`` on: a fresh shuffle, reproducible
-        from the seed and epoch (with ``data.sp_alpha`` also a fresh segmentation, which
-        repeats only within one process: ``transformer.data.sampling``). Only the batches
-        used are gathered."""
+        from the seed and epoch (with ``data.sp_alpha`` also a fresh segmentation:
+        ``transformer.data.sampling``). Only the batches used are gathered."""
         split = self.corpus.train if self._resegmenter is None else self._resegmenter.epoch(self.seed, epoch)
-        if self._resegmenter is not None and (epoch or start) and not self._sampled:
-            log.warning("data.sp_alpha: resuming at epoch %d, batch %d, this process samples other segmentations "
-                        "than the interrupted one would have (transformer/data/sampling.py)", epoch + 1, start)
-        self._sampled = True
         plan = plan_batches(split.src_lengths, split.tgt_lengths, self.cfg.batch_tokens,
                             seeded_generator(self.seed, epoch + 1))
         dataset = _Collated(split, plan, start, self.tokenizer.pad_id)
