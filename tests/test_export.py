@@ -71,8 +71,8 @@ def translation(tmp_path_factory):
 @pytest.fixture(scope="module")
 def words(tmp_path_factory):
     """spaCy word vocabularies (one per language), untied: (checkpoint, test sources, references)."""
-    return _train_translation(tmp_path_factory.mktemp("spacy"), "data.tokenizer=spacy", "data.min_freq=1",
-                              "model.tie_embeddings=false", "model.N=1", "train.max_steps=150")
+    return _train_translation(tmp_path_factory.mktemp("spacy"), "data.tokenizer=spacy", "data.sp_alpha=0",
+                              "data.min_freq=1", "model.tie_embeddings=false", "model.N=1", "train.max_steps=150")
 
 
 @pytest.fixture(scope="module")

@@ -137,7 +137,7 @@ def test_translate_cli_scores_against_a_reference(slices, tmp_path):
 
 def test_spacy_word_vocabularies_from_the_training_split(slices, tmp_path):
     cfg = load_config(ROOT / "configs" / "multi30k.yaml",
-                      slice_overrides(slices, "data.tokenizer=spacy", "model.tie_embeddings=false"))
+                      slice_overrides(slices, "data.tokenizer=spacy", "data.sp_alpha=0", "model.tie_embeddings=false"))
     task = TranslationTask(cfg)
     tok = task.tokenizer
     assert not tok.shared_vocab and tok.src_vocab_size != tok.tgt_vocab_size
@@ -155,7 +155,8 @@ def test_spacy_word_vocabularies_from_the_training_split(slices, tmp_path):
     assert tok.encode_src("Flugzeugträgerdeck")[0] == unk
     with pytest.raises(ConfigError, match="model.tie_embeddings"):
         run_training(load_config(ROOT / "configs" / "multi30k.yaml",
-                                 slice_overrides(slices, "data.tokenizer=spacy", f"train.run_dir={tmp_path / 'run'}")))
+                                 slice_overrides(slices, "data.tokenizer=spacy", "data.sp_alpha=0",
+                                                 f"train.run_dir={tmp_path / 'run'}")))
 
 
 def test_batches_with_workers_equal_batches_without(slices):
