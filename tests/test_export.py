@@ -55,7 +55,9 @@ def _train_translation(folder: Path, *extra: str) -> tuple[Path, list[str], list
     cfg = load_config(ROOT / "configs" / "multi30k.yaml", [
         f"data.train=[{train[0]}, {train[1]}]", f"data.valid=[{valid[0]}, {valid[1]}]", "data.vocab_size=800",
         "data.batch_tokens=1200", f"data.prepared={folder / 'prepared'}", f"train.run_dir={folder / 'run'}",
-        "model.dropout=0.1", *SMALL, *extra,
+        # The best segmentation: after 300 steps on 1,000 pairs with sampled ones, int8 and
+        # fp32 agreed on 44 of 100 greedy outputs, too few to compare their BLEU.
+        "model.dropout=0.1", "data.sp_alpha=0", *SMALL, *extra,
     ])
     run_training(cfg)
     read = lambda p: Path(p).read_text(encoding="utf-8").split("\n")[:100]  # noqa: E731
@@ -71,8 +73,8 @@ def translation(tmp_path_factory):
 @pytest.fixture(scope="module")
 def words(tmp_path_factory):
     """spaCy word vocabularies (one per language), untied: (checkpoint, test sources, references)."""
-    return _train_translation(tmp_path_factory.mktemp("spacy"), "data.tokenizer=spacy", "data.sp_alpha=0",
-                              "data.min_freq=1", "model.tie_embeddings=false", "model.N=1", "train.max_steps=150")
+    return _train_translation(tmp_path_factory.mktemp("spacy"), "data.tokenizer=spacy", "data.min_freq=1",
+                              "model.tie_embeddings=false", "model.N=1", "train.max_steps=150")
 
 
 @pytest.fixture(scope="module")

@@ -280,9 +280,6 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"'{key}' must be 0 or more, got {value}")
     if cfg.data.prepare_workers is not None and cfg.data.prepare_workers < 1:
         raise ConfigError(f"'data.prepare_workers' must be at least 1 (or null), got {cfg.data.prepare_workers}")
-    if d.sp_alpha > 0 and (d.task, d.tokenizer, d.sp_model_type) != ("translation", "sentencepiece", "unigram"):
-        raise ConfigError(f"'data.sp_alpha' needs a unigram SentencePiece model for translation, not "
-                          f"{d.tokenizer} ({d.sp_model_type}) on the {d.task} task: set it to 0")
     # A training sentence has up to data.max_len tokens plus <s> and </s>.
     if cfg.data.max_len + 2 > cfg.data.batch_tokens:
         raise ConfigError(

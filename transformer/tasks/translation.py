@@ -17,7 +17,7 @@ from transformer.data.multi30k import ensure_multi30k, resolve_data_dir, split_p
 from transformer.data.prepare import ensure_prepared
 from transformer.data.prepared import Split
 from transformer.data.sampling import Resegmenter
-from transformer.data.tokenizers import SentencePieceTokenizer, Tokenizer
+from transformer.data.tokenizers import Tokenizer
 from transformer.inference.scoring import score
 from transformer.inference.translator import Translator, decoding_name
 from transformer.model.architecture import EncoderDecoder
@@ -76,6 +76,10 @@ class TranslationTask:
     def __init__(self, cfg: Config, tokenizer: Tokenizer | None = None):
         self.cfg = cfg.data
         self.seed = cfg.train.seed
+        kind = tokenizer.kind if tokenizer is not None else cfg.data.tokenizer
+        if cfg.data.sp_alpha > 0 and (kind, cfg.data.sp_model_type) != ("sentencepiece", "unigram"):
+            raise ConfigError(f"'data.sp_alpha' ({cfg.data.sp_alpha}) samples the subwords of a unigram SentencePiece "
+                              f"model, and this one is {kind} ({cfg.data.sp_model_type}): set data.sp_alpha=0")
         # Length penalties to choose from at the end (only beam search has one).
         self.length_penalties = cfg.train.tune_length_penalty if cfg.decode.beam_size > 1 else ()
         files = corpus_files(cfg.data)
@@ -93,8 +97,6 @@ class TranslationTask:
         self._valid = list(_Lazy(_Collated(split, plan, 0, self.tokenizer.pad_id)))
         self._resegmenter = None
         if self.cfg.sp_alpha > 0:
-            if not isinstance(self.tokenizer, SentencePieceTokenizer):
-                raise ConfigError(f"'data.sp_alpha' needs a SentencePiece tokenizer; this one is {self.tokenizer.kind}")
             self._resegmenter = Resegmenter(self.tokenizer, self.corpus.train, self.cfg.sp_alpha, self.cfg.max_len)
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterable[Batch]:
