@@ -17,8 +17,9 @@ of quoting it, and prints:
 Each round runs, one after another, in fresh processes:
   * ours, as configured: ``python train.py`` with configs/multi30k.yaml as it is (3+3
     layers, d_model 256, joint SentencePiece unigram 8k sampled anew each epoch
-    (data.sp_alpha), tied embeddings, dropout 0.1, Adam and the Noam schedule, 4,096-token batches, its train.amp: a bf16 copy of the
-    weights, bf16-weights), for --steps optimizer steps,
+    (data.sp_alpha), tied embeddings, dropout 0.1, Adam and the Noam schedule,
+    4,096-token batches, its train.amp: a bf16 copy of the weights, bf16-weights), for
+    --steps optimizer steps,
     with ``--set`` overrides that change only what happens around the steps:
     train.max_steps, train.log_every, train.device=cpu, no validation before the end
     (train.eval_every), no step-N.pt copies, greedy test scoring (decode.beam_size=1)

@@ -249,8 +249,9 @@ def _check(cfg: Config) -> None:
         "model.max_len": m.max_len, "train.accum_steps": t.accum_steps, "train.warmup": t.warmup,
         "train.epochs": t.epochs, "train.log_every": t.log_every, "decode.batch_size": cfg.decode.batch_size,
         "decode.beam_size": cfg.decode.beam_size, "decode.nbest": cfg.decode.nbest,
-        "decode.batch_tokens": cfg.decode.batch_tokens, "data.vocab_size": d.vocab_size, "data.min_freq": d.min_freq,
-        "data.max_len": d.max_len, "data.batch_tokens": d.batch_tokens,
+        "decode.batch_tokens": cfg.decode.batch_tokens,
+        "data.vocab_size": cfg.data.vocab_size, "data.min_freq": cfg.data.min_freq, "data.max_len": cfg.data.max_len,
+        "data.batch_tokens": cfg.data.batch_tokens,
     }
     optional = {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every, "train.patience": t.patience,
                 "train.max_minutes": t.max_minutes, "decode.workers": cfg.decode.workers}

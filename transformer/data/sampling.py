@@ -137,7 +137,7 @@ class Resegmenter:
         starts = np.array([sp.id_to_piece(i).startswith(WORD_START) for i in range(sp.get_piece_size())])
         special = np.array([sp.is_control(i) for i in range(sp.get_piece_size())])
         types: dict[tuple[int, ...], int] = {}
-        self.words, self.word_first, self.word_sentence = {}, {}, {}
+        self.words, self.word_first, self.word_length, self.word_sentence = {}, {}, {}, {}
         for side in SIDES:
             ids = np.asarray(split.ids[side], dtype=np.int64)
             offsets = np.asarray(split.offsets[side])
@@ -150,7 +150,7 @@ class Resegmenter:
             self.words[side] = np.fromiter(
                 (types.setdefault(tuple(flat[a:b]), len(types)) for a, b in itertools.pairwise(bounds)),
                 dtype=np.int64, count=len(bounds) - 1)
-            self.word_first[side] = bounds[:-1]
+            self.word_first[side], self.word_length[side] = bounds[:-1], np.diff(bounds)
             self.word_sentence[side] = np.searchsorted(offsets, bounds[:-1], side="right") - 1
         self.lattices = Lattices(tokenizer, list(types), alpha)
 
@@ -163,11 +163,10 @@ class Resegmenter:
         for side in SIDES:
             words, sentence = self.words[side], self.word_sentence[side]
             sampled, pieces = self.lattices.sample(words, rng)
-            best_count = np.diff(np.append(self.word_first[side], len(self.split.ids[side])))
             specials = 1 if side == "src" else 2  # </s>; <s> and </s>
             too_long = np.bincount(sentence, weights=sampled, minlength=n) - specials > self.max_len
             best = too_long[sentence]
-            count = np.where(best, best_count, sampled)
+            count = np.where(best, self.word_length[side], sampled)
             # Each word's pieces: its sampled ones, or its best ones in a sentence too long.
             within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
             keep = np.repeat(~best, count)
