@@ -2,6 +2,7 @@
 
 import collections
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -16,7 +17,7 @@ from conftest import ROOT
 from test_translation import slice_overrides, slices  # noqa: F401 (a fixture)
 
 from transformer.config import ConfigError, load_config
-from transformer.data.sampling import Lattices, Resegmenter
+from transformer.data.sampling import Lattices, Resegmenter, WordTypes
 from transformer.tasks.translation import TranslationTask
 
 
@@ -66,6 +67,40 @@ def test_an_epochs_segmentation_follows_from_the_seed_and_epoch_in_any_process(t
     assert pairs(task.train_batches(2, start=3)) == pairs(list(task.train_batches(2))[3:])
 
 
+def test_chunks_of_any_size_sample_the_same_segmentation(task):
+    """A word's draws depend on the seed, the epoch and its place in the split alone: read
+    in chunks of 7 sentences, the split samples as it does in one chunk."""
+    whole = digest(task._resegmenter.epoch(1234, 1))
+    chunked = Resegmenter(task.tokenizer, task.corpus.train, 0.5, task.cfg.max_len, chunk=7)
+    assert len(task.corpus.train) > 7 * 10
+    assert digest(chunked.epoch(1234, 1)) == whole
+    lattices, words = chunked.lattices, chunked.words["src"][:500].astype(np.int64)
+    key = np.uint64(99)
+    count, pieces = lattices.sample(words, key)
+    tail_count, tail_pieces = lattices.sample(words[200:], key, first=200)
+    assert (tail_count == count[200:]).all() and (tail_pieces == pieces[count[:200].sum():]).all()
+
+
+@pytest.mark.parametrize("vocab_size", [8000, 1 << 20])
+def test_word_types_number_every_word_as_a_dict_of_tuples_does(vocab_size):
+    """Packed keys, the one-piece table and the long words' dict give each distinct word
+    one number, kept across chunks (with 2**20 ids, words of over 3 pieces are long)."""
+    rng = np.random.default_rng(0)
+    types, reference, got, want = WordTypes(vocab_size), {}, [], []
+    for _ in range(3):  # chunks
+        lengths = rng.choice([1, 1, 1, 2, 3, 4, 5, 7], size=3000)
+        ids = rng.integers(0, 6, size=int(lengths.sum())) * (vocab_size // 6) + rng.integers(0, 2, int(lengths.sum()))
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
+        got += types.number(ids, bounds).tolist()
+        words = [tuple(ids[a:b].tolist()) for a, b in itertools.pairwise(bounds)]
+        want += [reference.setdefault(w, len(reference)) for w in words]
+        assert [types.words[n] for n in got[-len(words):]] == words
+    assert len(types.words) == len(reference) > 1000
+    # The same partition: equal words, equal numbers, and only those.
+    pairs = set(zip(got, want))
+    assert len(pairs) == len(set(got)) == len(set(want))
+
+
 def exact(tokenizer, word, alpha):
     """Every segmentation of ``word`` (normalised text) into normal pieces, with its probability."""
     sp = tokenizer.sp
@@ -95,12 +130,11 @@ def test_a_words_segmentations_are_drawn_with_sentencepieces_probabilities(task,
     """Each segmentation is drawn with probability proportional to exp(alpha * its pieces'
     scores), as SentencePiece's own sampler draws them."""
     sp, n = task.tokenizer.sp, 20000
-    rng = np.random.default_rng(0)
     for text in ["spielen", "Kinder", "wearing"]:
         best = tuple(sp.encode(text))
         probs = exact(task.tokenizer, "\u2581" + text, alpha)
         assert len(probs) >= 8 and max(probs.values()) < 0.95  # a word worth sampling
-        count, pieces = Lattices(task.tokenizer, [best], alpha).sample(np.zeros(n, dtype=np.int64), rng)
+        count, pieces = Lattices(task.tokenizer, [best], alpha).sample(np.zeros(n, dtype=np.int64), np.uint64(7))
         ends = np.cumsum(count)
         ours = collections.Counter(tuple(pieces[e - c:e].tolist()) for c, e in zip(count, ends))
         theirs = collections.Counter(tuple(sp.encode(text, enable_sampling=True, alpha=alpha, nbest_size=-1))

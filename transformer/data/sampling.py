@@ -10,19 +10,21 @@ SentencePiece's ``encode(enable_sampling=True, alpha=..., nbest_size=-1)``: a
 segmentation is drawn with probability proportional to ``exp(alpha * sum of its pieces'
 scores)`` over all of them (smaller alpha: more varied, and longer, sentences).
 
-The draws come from our own generator, seeded by the run's seed and the epoch, so every
-process of a torchrun launch samples the same segmentation, and a resumed run the one the
-interrupted run would have (SentencePiece's own sampler does not repeat across processes).
-The unigram model segments each word (a piece starting with "▁" and those up to the next
-one) on its own, so a sentence's segmentation is one per word, drawn independently: the
-sampler builds each distinct word's lattice once, then draws every occurrence of every
-word at once, piece by piece from the word's end (forward filtering, backward sampling).
+The draws are a function of the run's seed, the epoch and each word's place in the split
+(SplitMix64 at that index), so every process of a torchrun launch samples the same
+segmentation, a resumed run the one the interrupted run would have (SentencePiece's own
+sampler does not repeat across processes), and reading the split in chunks changes
+nothing. The unigram model segments each word (a piece starting with "▁" and those up to
+the next one) on its own, so a sentence's segmentation is one per word, drawn
+independently: the sampler builds each distinct word's lattice once, then draws every
+occurrence of every word of a chunk at once, piece by piece from the word's end (forward
+filtering, backward sampling).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -35,6 +37,16 @@ from transformer.data.tokenizers import SentencePieceTokenizer
 # epoch, clear of the epochs' batch orders (1, 2, ...) and their loaders' (-1, -2, ...).
 STREAM = 1 << 40
 WORD_START = "\u2581"
+CHUNK = 1 << 16  # sentences read and sampled at once
+GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function (Steele, Lea and Flood, 2014) on uint64s: the generator's
+    n-th output for seed k is ``splitmix64(k + n * GAMMA)``, so any one is drawn on its own."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 class Lattices:
@@ -84,32 +96,46 @@ class Lattices:
                     weights.append(reach[a] + score[i] - reach[b])
             node += length + 1
         self.end = np.append(self.start[1:], node) - 1
-        # The edges ending at each node, their probabilities summing to 1, cumulated and
-        # shifted by the node: one sorted array in which node + u (u uniform in [0, 1))
-        # finds the edge drawn at that node.
+        # The edges ending at each node, together, their probabilities (summing to 1)
+        # cumulated: the edge drawn at a node is its first whose sum exceeds a uniform draw.
         end = np.asarray(ends, dtype=np.int64)
         cum = np.cumsum(np.exp(np.asarray(weights)))
-        first = np.searchsorted(end, end, side="left")
-        within = np.minimum(cum - np.where(first > 0, cum[first - 1], 0.0), 1.0)
-        within[np.append(end[1:] != end[:-1], True)[:len(end)]] = 1.0  # each node's last edge
-        self.key = end + within
+        self.first = np.searchsorted(end, np.arange(node), side="left")  # each node's first edge
+        before = self.first[end]
+        self.within = np.minimum(cum - np.where(before > 0, cum[before - 1], 0.0), 1.0)
+        self.within[np.append(end[1:] != end[:-1], True)[:len(end)]] = 1.0  # each node's last edge
         self.edge_from = np.asarray(froms, dtype=np.int64)
         self.edge_id = np.asarray(ids, dtype=np.int64)
 
-    def sample(self, words: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def sample(self, words: np.ndarray, key: np.uint64, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """One segmentation of each word of ``words`` (indices): its pieces' count per word
-        and all the pieces, word after word."""
+        and all the pieces, word after word.
+
+        The uniform numbers come from ``key`` and each word's place: word ``k`` of
+        ``words`` is number ``first + k``, and its draw at step ``s`` (its ``s``-th piece
+        from the end) is SplitMix64's output at an index made of the two. A word's
+        segmentation so depends on the key and its number alone, not on the words drawn
+        beside it.
+        """
         at = self.end[words].copy()
         stop = self.start[words]
         count = np.zeros(len(words), dtype=np.int64)
+        number = np.arange(first, first + len(words), dtype=np.uint64)
         drawn: list[tuple[np.ndarray, np.ndarray]] = []  # step by step: (words, their pieces)
         live = np.flatnonzero(at != stop)
+        step = 0
         while len(live):
-            edge = np.searchsorted(self.key, at[live] + rng.random(len(live)), side="right")
+            uniform = (splitmix64(key + (number[live] | np.uint64(step << 40)) * GAMMA) >> np.uint64(11)) * 2.0**-53
+            edge = self.first[at[live]]
+            on = np.flatnonzero(self.within[edge] <= uniform)
+            while len(on):  # a few edges end at a node: walk them
+                edge[on] += 1
+                on = on[self.within[edge[on]] <= uniform[on]]
             drawn.append((live, self.edge_id[edge]))
             at[live] = self.edge_from[edge]
             count[live] += 1
             live = live[at[live] != stop[live]]
+            step += 1
         ends = np.cumsum(count)
         out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
         for step, (live, piece) in enumerate(drawn):  # drawn from each word's end
@@ -117,11 +143,78 @@ class Lattices:
         return count, out
 
 
+class WordTypes:
+    """Numbers distinct words (tuples of piece ids), chunk after chunk of a corpus.
+
+    A word of up to ``width`` pieces is packed into one int64 (``bits`` per piece, each id
+    plus one, so that no two lengths collide): a one-piece word is numbered through a
+    table by id, a longer one by a sorted array of the keys seen, and a word of more than
+    ``width`` pieces through a dict. Only new words take Python's time.
+
+    Args:
+        vocab_size: the ids are below it.
+    """
+
+    def __init__(self, vocab_size: int):
+        self.bits = vocab_size.bit_length()  # id + 1 fits in bits
+        self.width = 63 // self.bits
+        self.words: list[tuple[int, ...]] = []  # by number
+        self._single = np.full(1 << self.bits, -1, dtype=np.int64)  # by key (id + 1)
+        self._keys = np.empty(0, dtype=np.int64)  # the packed words seen, sorted
+        self._numbers = np.empty(0, dtype=np.int64)  # their numbers
+        self._long: dict[tuple[int, ...], int] = {}
+
+    def _new(self, words: list[tuple[int, ...]]) -> np.ndarray:
+        self.words += words
+        return np.arange(len(self.words) - len(words), len(self.words), dtype=np.int64)
+
+    def _unpack(self, key: int) -> tuple[int, ...]:
+        mask, word = (1 << self.bits) - 1, []
+        while key:
+            word.append((key & mask) - 1)
+            key >>= self.bits
+        return tuple(word)
+
+    def number(self, ids: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+        """The number of every word of ``ids``, word ``w`` being ``ids[bounds[w]:bounds[w + 1]]``."""
+        first, length = bounds[:-1], np.diff(bounds)
+        numbers = np.empty(len(first), dtype=np.int64)
+        if not len(first):
+            return numbers
+        within = np.arange(len(ids)) - np.repeat(first, length)
+        shift = (self.bits * np.minimum(within, self.width - 1)).astype(np.int64)
+        keys = np.add.reduceat(np.where(within < self.width, (ids.astype(np.int64) + 1) << shift, 0), first)
+        one = length == 1
+        single = keys[one]
+        new = np.unique(single[self._single[single] < 0])
+        self._single[new] = self._new([(k - 1,) for k in new.tolist()])
+        numbers[one] = self._single[single]
+        packed = (length > 1) & (length <= self.width)
+        unique, inverse = np.unique(keys[packed], return_inverse=True)
+        at = np.minimum(np.searchsorted(self._keys, unique), max(len(self._keys) - 1, 0))
+        seen = (self._keys[at] == unique) if len(self._keys) else np.zeros(len(unique), dtype=bool)
+        found = np.where(seen, self._numbers[at] if len(self._keys) else 0, -1)
+        new = unique[~seen]
+        found[~seen] = self._new([self._unpack(k) for k in new.tolist()])
+        order = np.argsort(np.concatenate([self._keys, new]), kind="stable")
+        self._keys = np.concatenate([self._keys, new])[order]
+        self._numbers = np.concatenate([self._numbers, found[~seen]])[order]
+        numbers[packed] = found[inverse.reshape(-1)]
+        for w in np.flatnonzero(length > self.width).tolist():
+            word = tuple(ids[bounds[w]:bounds[w + 1]].tolist())
+            if word not in self._long:
+                self._long[word] = int(self._new([word])[0])
+            numbers[w] = self._long[word]
+        return numbers
+
+
 class Resegmenter:
     """Each epoch's sampled segmentation of a training split.
 
-    The split's words and their lattices are held in memory (tens of bytes per word
-    occurrence and per lattice edge: meant for corpora of up to a few million pairs).
+    In memory: each word occurrence's type (2 or 4 bytes), each distinct word's lattice,
+    and the epoch's sampled ids (the split's id type); the word boundaries are found
+    again from the split's ids each epoch. The split is read and sampled a chunk of
+    sentences at a time, so the temporaries stay bounded at any corpus size.
 
     Args:
         tokenizer: the unigram SentencePiece model that made the split's ids.
@@ -129,53 +222,64 @@ class Resegmenter:
         alpha: the smoothing (``data.sp_alpha``).
         max_len: a sampled side longer than this many tokens (specials aside) keeps
             its best segmentation, so batches stay within the limits the config checks.
+        chunk: sentences read and sampled at once (the result does not depend on it).
     """
 
-    def __init__(self, tokenizer: SentencePieceTokenizer, split: Split, alpha: float, max_len: int):
-        self.split, self.max_len = split, max_len
+    def __init__(self, tokenizer: SentencePieceTokenizer, split: Split, alpha: float, max_len: int,
+                 chunk: int = CHUNK):
+        self.split, self.max_len, self.chunk = split, max_len, chunk
         sp = tokenizer.sp
-        starts = np.array([sp.id_to_piece(i).startswith(WORD_START) for i in range(sp.get_piece_size())])
-        special = np.array([sp.is_control(i) for i in range(sp.get_piece_size())])
-        types: dict[tuple[int, ...], int] = {}
-        self.words, self.word_first, self.word_length, self.word_sentence = {}, {}, {}, {}
-        for side in SIDES:
-            ids = np.asarray(split.ids[side], dtype=np.int64)
-            offsets = np.asarray(split.offsets[side])
+        self._starts = np.array([sp.id_to_piece(i).startswith(WORD_START) for i in range(sp.get_piece_size())])
+        self._special = np.array([sp.is_control(i) for i in range(sp.get_piece_size())])
+        types = WordTypes(sp.get_piece_size())
+        words = {side: np.concatenate([np.empty(0, np.uint32)] + [
+            types.number(ids, bounds).astype(np.uint32) for _, ids, _, bounds in self._chunks(side)]) for side in SIDES}
+        small = np.uint16 if len(types.words) <= 1 << 16 else np.uint32
+        self.words = {side: numbers.astype(small, copy=False) for side, numbers in words.items()}
+        self.lattices = Lattices(tokenizer, types.words, alpha)
+
+    def _chunks(self, side: str) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """The side's sentences a chunk at a time: (first sentence, ids, offsets from the
+        chunk's start, word boundaries: each word's first id, then the end)."""
+        offsets = self.split.offsets[side]
+        for first in range(0, len(self.split), self.chunk):
+            last = min(first + self.chunk, len(self.split))
+            at = np.asarray(offsets[first:last + 1], dtype=np.int64)
+            ids = np.asarray(self.split.ids[side][at[0]:at[-1]], dtype=np.int64)
+            at = at - at[0]
             # A word begins at a piece with "▁", at a sentence's start, and at and after a special.
-            first = starts[ids] | special[ids]
-            first[1:] |= special[ids[:-1]]
-            first[offsets[:-1][offsets[:-1] < len(ids)]] = True
-            bounds = np.append(np.flatnonzero(first), len(ids))
-            flat = ids.tolist()
-            self.words[side] = np.fromiter(
-                (types.setdefault(tuple(flat[a:b]), len(types)) for a, b in itertools.pairwise(bounds)),
-                dtype=np.int64, count=len(bounds) - 1)
-            self.word_first[side], self.word_length[side] = bounds[:-1], np.diff(bounds)
-            self.word_sentence[side] = np.searchsorted(offsets, bounds[:-1], side="right") - 1
-        self.lattices = Lattices(tokenizer, list(types), alpha)
+            starts = self._starts[ids] | self._special[ids]
+            starts[1:] |= self._special[ids[:-1]]
+            starts[at[:-1][at[:-1] < len(ids)]] = True
+            yield first, ids, at, np.append(np.flatnonzero(starts), len(ids))
 
     def epoch(self, seed: int, epoch: int) -> Split:
         """The split of epoch ``epoch`` (0-based) of a run seeded with ``seed``."""
         draw = torch.randint(0, 2**63 - 1, (), generator=seeded_generator(seed, STREAM + epoch))
-        rng = np.random.default_rng(int(draw))
-        n = len(self.split)
         ids, offsets = {}, {}
-        for side in SIDES:
-            words, sentence = self.words[side], self.word_sentence[side]
-            sampled, pieces = self.lattices.sample(words, rng)
+        for number, side in enumerate(SIDES):
+            key = splitmix64(np.array([int(draw) + number], dtype=np.uint64))[0]
             specials = 1 if side == "src" else 2  # </s>; <s> and </s>
-            too_long = np.bincount(sentence, weights=sampled, minlength=n) - specials > self.max_len
-            best = too_long[sentence]
-            count = np.where(best, self.word_length[side], sampled)
-            # Each word's pieces: its sampled ones, or its best ones in a sentence too long.
-            within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
-            keep = np.repeat(~best, count)
-            source = np.where(keep, np.repeat(np.cumsum(sampled) - sampled, count),
-                              np.repeat(self.word_first[side], count)) + within
-            out = np.empty(len(source), dtype=self.split.ids[side].dtype)
-            out[keep] = pieces[source[keep]]
-            out[~keep] = np.asarray(self.split.ids[side])[source[~keep]]
-            ids[side] = out
-            offsets[side] = np.concatenate([[0], np.cumsum(np.bincount(sentence, weights=count, minlength=n))]
-                                           ).astype(np.int64)
+            parts, lengths, done = [], [], 0
+            for _, best, at, bounds in self._chunks(side):
+                words = self.words[side][done:done + len(bounds) - 1].astype(np.int64)
+                sampled, pieces = self.lattices.sample(words, key, done)
+                done += len(words)
+                length = np.diff(bounds)
+                sentence = np.searchsorted(at, bounds[:-1], side="right") - 1
+                too_long = np.bincount(sentence, weights=sampled, minlength=len(at) - 1) - specials > self.max_len
+                kept = too_long[sentence]
+                count = np.where(kept, length, sampled)
+                # Each word's pieces: its sampled ones, or its best ones in a sentence too long.
+                within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+                new = np.repeat(~kept, count)
+                source = np.where(new, np.repeat(np.cumsum(sampled) - sampled, count),
+                                  np.repeat(bounds[:-1], count)) + within
+                out = np.empty(len(source), dtype=self.split.ids[side].dtype)
+                out[new] = pieces[source[new]]
+                out[~new] = best[source[~new]]
+                parts.append(out)
+                lengths.append(np.bincount(sentence, weights=count, minlength=len(at) - 1).astype(np.int64))
+            ids[side] = np.concatenate([np.empty(0, dtype=self.split.ids[side].dtype)] + parts)
+            offsets[side] = np.concatenate([[0], np.cumsum(np.concatenate([np.empty(0, np.int64)] + lengths))])
         return Split(self.split.name, ids, offsets)
