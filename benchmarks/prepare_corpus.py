@@ -2,8 +2,9 @@
 
     python benchmarks/prepare_corpus.py [--sizes 29000,1000000,5000000] [--steps 200]
         [--workdir /tmp/prepare-bench] [--data-dir data/multi30k] [--config configs/multi30k.yaml]
-        [--keep] [--json PATH]
+        [--keep] [--json PATH] [--set KEY=VALUE ...]
     python benchmarks/prepare_corpus.py --sizes 29000,100000 --steps 5   # a smoke run
+    python benchmarks/prepare_corpus.py --set data.sp_alpha=0   # the best segmentation only
 
 For every size N it makes a corpus of N pairs from Multi30k's training lines, repeated:
 copy 0 is Multi30k as it is (so the 29,000-pair corpus is its training set), copy k > 0
@@ -366,6 +367,8 @@ def main() -> int:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "multi30k.yaml")
     parser.add_argument("--keep", action="store_true", help="keep the prepared folders and the runs")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the training runs (train.py's --set), repeatable")
     args = parser.parse_args()
     try:
         sizes = sorted({int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()})
@@ -380,7 +383,8 @@ def main() -> int:
             parser.error(f"{path}: not found")
 
     describe(peaks=False)
-    print(f"config {config}; {args.steps} training steps; workdir {workdir}", flush=True)
+    print(f"config {config}{''.join(f' --set {o}' for o in args.set)}; {args.steps} training steps; "
+          f"workdir {workdir}", flush=True)
     corpora = {n: make_corpus(data_dir, workdir / "corpora", n) for n in sizes}
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -399,7 +403,7 @@ def main() -> int:
                       "--set", f"data.train={json.dumps([str(p) for p in corpora[n]])}",
                       "--set", f"data.valid={json.dumps([str(p) for p in valid])}",
                       "--set", f"data.prepared={prepared}", "--set", f"train.run_dir={run}",
-                      "--set", "train.eval_every=1000000000"]
+                      "--set", "train.eval_every=1000000000", *(x for o in args.set for x in ("--set", o))]
         for kind, argv in (("train", train_argv), ("resume", ["--resume", str(run)])):
             r[kind] = t = measure_training(argv, args.steps, logs / f"{kind}-{n}.log")
             print(f"{n:,} pairs: {kind}: first step (step {t['first_step']}) at {t['first_step_s']:.2f} s, "

@@ -146,10 +146,10 @@ class Lattices:
 class WordTypes:
     """Numbers distinct words (tuples of piece ids), chunk after chunk of a corpus.
 
-    A word of up to ``width`` pieces is packed into one int64 (``bits`` per piece, each id
-    plus one, so that no two lengths collide): a one-piece word is numbered through a
-    table by id, a longer one by a sorted array of the keys seen, and a word of more than
-    ``width`` pieces through a dict. Only new words take Python's time.
+    Up to ``width`` pieces are packed into one int64 (``bits`` per piece, each id plus one,
+    so that no two lengths collide): a one-piece word is numbered through a table by id, a
+    word of one key by a sorted array of the keys seen, and a word of several keys through
+    a dict of their tuples. Only distinct words take Python's time.
 
     Args:
         vocab_size: the ids are below it.
@@ -162,7 +162,7 @@ class WordTypes:
         self._single = np.full(1 << self.bits, -1, dtype=np.int64)  # by key (id + 1)
         self._keys = np.empty(0, dtype=np.int64)  # the packed words seen, sorted
         self._numbers = np.empty(0, dtype=np.int64)  # their numbers
-        self._long: dict[tuple[int, ...], int] = {}
+        self._long: dict[tuple[int, ...], int] = {}  # by tuple of keys
 
     def _new(self, words: list[tuple[int, ...]]) -> np.ndarray:
         self.words += words
@@ -181,16 +181,21 @@ class WordTypes:
         numbers = np.empty(len(first), dtype=np.int64)
         if not len(first):
             return numbers
-        within = np.arange(len(ids)) - np.repeat(first, length)
-        shift = (self.bits * np.minimum(within, self.width - 1)).astype(np.int64)
-        keys = np.add.reduceat(np.where(within < self.width, (ids.astype(np.int64) + 1) << shift, 0), first)
+        start = np.zeros(len(ids), dtype=np.int64)
+        start[first] = first
+        within = np.arange(len(ids)) - np.maximum.accumulate(start)
+        # Each word as keys of up to ``width`` pieces: ceil(length / width) of them.
+        keys = np.add.reduceat((ids.astype(np.int64) + 1) << (self.bits * (within % self.width)),
+                               np.flatnonzero(within % self.width == 0))
+        parts = (length + self.width - 1) // self.width
+        key_at = np.cumsum(parts) - parts
         one = length == 1
-        single = keys[one]
+        single = keys[key_at[one]]
         new = np.unique(single[self._single[single] < 0])
         self._single[new] = self._new([(k - 1,) for k in new.tolist()])
         numbers[one] = self._single[single]
-        packed = (length > 1) & (length <= self.width)
-        unique, inverse = np.unique(keys[packed], return_inverse=True)
+        packed = (length > 1) & (parts == 1)
+        unique, inverse = np.unique(keys[key_at[packed]], return_inverse=True)
         at = np.minimum(np.searchsorted(self._keys, unique), max(len(self._keys) - 1, 0))
         seen = (self._keys[at] == unique) if len(self._keys) else np.zeros(len(unique), dtype=bool)
         found = np.where(seen, self._numbers[at] if len(self._keys) else 0, -1)
@@ -200,11 +205,16 @@ class WordTypes:
         self._keys = np.concatenate([self._keys, new])[order]
         self._numbers = np.concatenate([self._numbers, found[~seen]])[order]
         numbers[packed] = found[inverse.reshape(-1)]
-        for w in np.flatnonzero(length > self.width).tolist():
-            word = tuple(ids[bounds[w]:bounds[w + 1]].tolist())
-            if word not in self._long:
-                self._long[word] = int(self._new([word])[0])
-            numbers[w] = self._long[word]
+        longer = np.flatnonzero(parts > 1)
+        for count in np.unique(parts[longer]).tolist():  # words of `count` keys
+            words = longer[parts[longer] == count]
+            rows, inverse = np.unique(keys[key_at[words][:, None] + np.arange(count)], axis=0, return_inverse=True)
+            found = np.empty(len(rows), dtype=np.int64)
+            for k, row in enumerate(map(tuple, rows.tolist())):
+                if row not in self._long:
+                    self._long[row] = int(self._new([sum(map(self._unpack, row), ())])[0])
+                found[k] = self._long[row]
+            numbers[words] = found[inverse.reshape(-1)]
         return numbers
 
 
@@ -236,6 +246,7 @@ class Resegmenter:
             types.number(ids, bounds).astype(np.uint32) for _, ids, _, bounds in self._chunks(side)]) for side in SIDES}
         small = np.uint16 if len(types.words) <= 1 << 16 else np.uint32
         self.words = {side: numbers.astype(small, copy=False) for side, numbers in words.items()}
+        self.occurrences = sum(map(len, self.words.values()))
         self.lattices = Lattices(tokenizer, types.words, alpha)
 
     def _chunks(self, side: str) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
@@ -270,14 +281,15 @@ class Resegmenter:
                 too_long = np.bincount(sentence, weights=sampled, minlength=len(at) - 1) - specials > self.max_len
                 kept = too_long[sentence]
                 count = np.where(kept, length, sampled)
-                # Each word's pieces: its sampled ones, or its best ones in a sentence too long.
-                within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
-                new = np.repeat(~kept, count)
-                source = np.where(new, np.repeat(np.cumsum(sampled) - sampled, count),
-                                  np.repeat(bounds[:-1], count)) + within
-                out = np.empty(len(source), dtype=self.split.ids[side].dtype)
-                out[new] = pieces[source[new]]
-                out[~new] = best[source[~new]]
+                out = pieces.astype(self.split.ids[side].dtype)
+                if kept.any():  # each word's pieces: its sampled ones, or its best ones in a sentence too long
+                    within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+                    new = np.repeat(~kept, count)
+                    source = np.where(new, np.repeat(np.cumsum(sampled) - sampled, count),
+                                      np.repeat(bounds[:-1], count)) + within
+                    out = np.empty(len(source), dtype=self.split.ids[side].dtype)
+                    out[new] = pieces[source[new]]
+                    out[~new] = best[source[~new]]
                 parts.append(out)
                 lengths.append(np.bincount(sentence, weights=count, minlength=len(at) - 1).astype(np.int64))
             ids[side] = np.concatenate([np.empty(0, dtype=self.split.ids[side].dtype)] + parts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -97,7 +98,11 @@ class TranslationTask:
         self._valid = list(_Lazy(_Collated(split, plan, 0, self.tokenizer.pad_id)))
         self._resegmenter = None
         if self.cfg.sp_alpha > 0:
+            started = time.perf_counter()
             self._resegmenter = Resegmenter(self.tokenizer, self.corpus.train, self.cfg.sp_alpha, self.cfg.max_len)
+            log.info("subword sampling (data.sp_alpha %g): %s word occurrences of %s distinct words, "
+                     "their lattices built in %.1f s", self.cfg.sp_alpha, f"{self._resegmenter.occurrences:,}",
+                     f"{len(self._resegmenter.lattices.start):,}", time.perf_counter() - started)
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterable[Batch]:
         """Epoch ``epoch``'s batches from batch ``start`` on: a fresh shuffle, reproducible
