@@ -248,8 +248,6 @@ class Resegmenter:
         self.words = {side: numbers.astype(small, copy=False) for side, numbers in words.items()}
         self.occurrences = sum(map(len, self.words.values()))
         self.lattices = Lattices(tokenizer, types.words, alpha)
-        spelled = self.lattices.end - self.lattices.start  # a word's characters
-        self._characters = {side: spelled[words].sum() for side, words in self.words.items()}
 
     def _chunks(self, side: str) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
         """The side's sentences a chunk at a time: (first sentence, ids, offsets from the
@@ -273,14 +271,11 @@ class Resegmenter:
         for number, side in enumerate(SIDES):
             key = splitmix64(np.array([int(draw) + number], dtype=np.uint64))[0]
             specials = 1 if side == "src" else 2  # </s>; <s> and </s>
-            # At most one piece per character of each word; the pages not written are never touched.
-            words = self.words[side]
-            ids[side] = np.empty(int(self._characters[side]), dtype=self.split.ids[side].dtype)
-            offsets[side] = np.zeros(len(self.split) + 1, dtype=np.int64)
-            done = written = 0
-            for first, best, at, bounds in self._chunks(side):
-                sampled, pieces = self.lattices.sample(words[done:done + len(bounds) - 1].astype(np.int64), key, done)
-                done += len(bounds) - 1
+            parts, lengths, done = [], [], 0
+            for _, best, at, bounds in self._chunks(side):
+                words = self.words[side][done:done + len(bounds) - 1].astype(np.int64)
+                sampled, pieces = self.lattices.sample(words, key, done)
+                done += len(words)
                 length = np.diff(bounds)
                 sentence = np.searchsorted(at, bounds[:-1], side="right") - 1
                 too_long = np.bincount(sentence, weights=sampled, minlength=len(at) - 1) - specials > self.max_len
@@ -295,9 +290,8 @@ class Resegmenter:
                     out = np.empty(len(source), dtype=self.split.ids[side].dtype)
                     out[new] = pieces[source[new]]
                     out[~new] = best[source[~new]]
-                ids[side][written:written + len(out)] = out
-                offsets[side][first + 1:first + len(at)] = written + np.cumsum(
-                    np.bincount(sentence, weights=count, minlength=len(at) - 1).astype(np.int64))
-                written += len(out)
-            ids[side] = ids[side][:written]
+                parts.append(out)
+                lengths.append(np.bincount(sentence, weights=count, minlength=len(at) - 1).astype(np.int64))
+            ids[side] = np.concatenate([np.empty(0, dtype=self.split.ids[side].dtype)] + parts)
+            offsets[side] = np.concatenate([[0], np.cumsum(np.concatenate([np.empty(0, np.int64)] + lengths))])
         return Split(self.split.name, ids, offsets)
