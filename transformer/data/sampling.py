@@ -23,12 +23,8 @@ filtering, backward sampling).
 
 from __future__ import annotations
 
-import collections
-import itertools
 import math
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -36,8 +32,6 @@ import torch
 from transformer.data.batching import seeded_generator
 from transformer.data.prepared import SIDES, Split
 from transformer.data.tokenizers import SentencePieceTokenizer
-
-T = TypeVar("T")
 
 # Streams of a run's randomness (``seeded_generator``) used here: this offset plus the
 # epoch, clear of the epochs' batch orders (1, 2, ...) and their loaders' (-1, -2, ...).
@@ -181,29 +175,20 @@ class WordTypes:
             key >>= self.bits
         return tuple(word)
 
-    def keys(self, ids: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every word of ``ids`` (word ``w`` being ``ids[bounds[w]:bounds[w + 1]]``) as keys of
-        up to ``width`` pieces: the keys, each word's first key and its length. Reads no
-        state: chunks may be packed on several threads."""
+    def number(self, ids: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+        """The number of every word of ``ids``, word ``w`` being ``ids[bounds[w]:bounds[w + 1]]``."""
         first, length = bounds[:-1], np.diff(bounds)
+        numbers = np.empty(len(first), dtype=np.int64)
+        if not len(first):
+            return numbers
         start = np.zeros(len(ids), dtype=np.int64)
         start[first] = first
         within = np.arange(len(ids)) - np.maximum.accumulate(start)
+        # Each word as keys of up to ``width`` pieces: ceil(length / width) of them.
         keys = np.add.reduceat((ids.astype(np.int64) + 1) << (self.bits * (within % self.width)),
-                               np.flatnonzero(within % self.width == 0)) if len(ids) else np.empty(0, np.int64)
+                               np.flatnonzero(within % self.width == 0))
         parts = (length + self.width - 1) // self.width
-        return keys, np.cumsum(parts) - parts, length
-
-    def number(self, ids: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-        """The number of every word of ``ids``, word ``w`` being ``ids[bounds[w]:bounds[w + 1]]``."""
-        return self.number_keys(*self.keys(ids, bounds))
-
-    def number_keys(self, keys: np.ndarray, key_at: np.ndarray, length: np.ndarray) -> np.ndarray:
-        """The number of every word given as ``keys`` (``keys``' answer)."""
-        numbers = np.empty(len(length), dtype=np.int64)
-        if not len(length):
-            return numbers
-        parts = np.diff(np.append(key_at, len(keys)))
+        key_at = np.cumsum(parts) - parts
         one = length == 1
         single = keys[key_at[one]]
         new = np.unique(single[self._single[single] < 0])
@@ -257,76 +242,56 @@ class Resegmenter:
         self._starts = np.array([sp.id_to_piece(i).startswith(WORD_START) for i in range(sp.get_piece_size())])
         self._special = np.array([sp.is_control(i) for i in range(sp.get_piece_size())])
         types = WordTypes(sp.get_piece_size())
-        threads = max(1, torch.get_num_threads())
-        with ThreadPoolExecutor(threads) as pool:
-            # Chunks read and packed on the pool, a few ahead; numbered here, in order.
-            words = {side: [types.number_keys(*keys).astype(np.uint32) for keys in self._ahead(
-                pool, threads, lambda first, side=side: types.keys(*self._chunk(side, first)[1::2]))] for side in SIDES}
-        self._chunk_words = {side: [len(w) for w in chunks] for side, chunks in words.items()}
-        words = {side: np.concatenate([np.empty(0, np.uint32)] + chunks) for side, chunks in words.items()}
+        words = {side: np.concatenate([np.empty(0, np.uint32)] + [
+            types.number(ids, bounds).astype(np.uint32) for _, ids, _, bounds in self._chunks(side)]) for side in SIDES}
         small = np.uint16 if len(types.words) <= 1 << 16 else np.uint32
         self.words = {side: numbers.astype(small, copy=False) for side, numbers in words.items()}
         self.occurrences = sum(map(len, self.words.values()))
         self.lattices = Lattices(tokenizer, types.words, alpha)
 
-    def _ahead(self, pool: ThreadPoolExecutor, threads: int, work: Callable[[int], T]) -> Iterator[T]:
-        """``work(first)`` for every chunk's first sentence, in order, computed on ``pool``
-        at most ``threads`` chunks ahead (so at most that many are held)."""
-        firsts = iter(range(0, len(self.split), self.chunk))
-        pending = collections.deque(pool.submit(work, first) for first in itertools.islice(firsts, threads))
-        while pending:
-            done = pending.popleft().result()
-            for first in itertools.islice(firsts, 1):
-                pending.append(pool.submit(work, first))
-            yield done
-
-    def _chunk(self, side: str, first: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-        """The chunk of the side's sentences from ``first`` on: (first, ids, offsets from the
+    def _chunks(self, side: str) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """The side's sentences a chunk at a time: (first sentence, ids, offsets from the
         chunk's start, word boundaries: each word's first id, then the end)."""
-        last = min(first + self.chunk, len(self.split))
-        at = np.asarray(self.split.offsets[side][first:last + 1], dtype=np.int64)
-        ids = np.asarray(self.split.ids[side][at[0]:at[-1]], dtype=np.int64)
-        at = at - at[0]
-        # A word begins at a piece with "▁", at a sentence's start, and at and after a special.
-        starts = self._starts[ids] | self._special[ids]
-        starts[1:] |= self._special[ids[:-1]]
-        starts[at[:-1][at[:-1] < len(ids)]] = True
-        return first, ids, at, np.append(np.flatnonzero(starts), len(ids))
-
-    def _sample(self, side: str, key: np.uint64, first: int, done: int) -> tuple[np.ndarray, np.ndarray]:
-        """The sampled ids of a chunk (``_chunk``) whose first word is the side's ``done``-th,
-        and its sentences' lengths."""
-        _, best, at, bounds = self._chunk(side, first)
-        sampled, pieces = self.lattices.sample(self.words[side][done:done + len(bounds) - 1].astype(np.int64),
-                                               key, done)
-        specials = 1 if side == "src" else 2  # </s>; <s> and </s>
-        sentence = np.searchsorted(at, bounds[:-1], side="right") - 1
-        too_long = np.bincount(sentence, weights=sampled, minlength=len(at) - 1) - specials > self.max_len
-        kept = too_long[sentence]
-        count = np.where(kept, np.diff(bounds), sampled)
-        out = pieces.astype(self.split.ids[side].dtype)
-        if kept.any():  # each word's pieces: its sampled ones, or its best ones in a sentence too long
-            within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
-            new = np.repeat(~kept, count)
-            source = np.where(new, np.repeat(np.cumsum(sampled) - sampled, count),
-                              np.repeat(bounds[:-1], count)) + within
-            out = np.empty(len(source), dtype=self.split.ids[side].dtype)
-            out[new] = pieces[source[new]]
-            out[~new] = best[source[~new]]
-        return out, np.bincount(sentence, weights=count, minlength=len(at) - 1).astype(np.int64)
+        offsets = self.split.offsets[side]
+        for first in range(0, len(self.split), self.chunk):
+            last = min(first + self.chunk, len(self.split))
+            at = np.asarray(offsets[first:last + 1], dtype=np.int64)
+            ids = np.asarray(self.split.ids[side][at[0]:at[-1]], dtype=np.int64)
+            at = at - at[0]
+            # A word begins at a piece with "▁", at a sentence's start, and at and after a special.
+            starts = self._starts[ids] | self._special[ids]
+            starts[1:] |= self._special[ids[:-1]]
+            starts[at[:-1][at[:-1] < len(ids)]] = True
+            yield first, ids, at, np.append(np.flatnonzero(starts), len(ids))
 
     def epoch(self, seed: int, epoch: int) -> Split:
-        """The split of epoch ``epoch`` (0-based) of a run seeded with ``seed``. The chunks are
-        sampled on torch's number of threads (numpy lets go of the GIL in its loops)."""
+        """The split of epoch ``epoch`` (0-based) of a run seeded with ``seed``."""
         draw = torch.randint(0, 2**63 - 1, (), generator=seeded_generator(seed, STREAM + epoch))
         ids, offsets = {}, {}
-        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-            for number, side in enumerate(SIDES):
-                key = splitmix64(np.array([int(draw) + number], dtype=np.uint64))[0]
-                firsts = range(0, len(self.split), self.chunk)
-                done = np.concatenate([[0], np.cumsum(self._chunk_words[side])[:-1]]).tolist()
-                parts = list(pool.map(lambda first, done: self._sample(side, key, first, done), firsts, done))
-                ids[side] = np.concatenate([np.empty(0, dtype=self.split.ids[side].dtype)] + [p for p, _ in parts])
-                offsets[side] = np.concatenate([[0], np.cumsum(np.concatenate([np.empty(0, np.int64)] +
-                                                                              [n for _, n in parts]))])
+        for number, side in enumerate(SIDES):
+            key = splitmix64(np.array([int(draw) + number], dtype=np.uint64))[0]
+            specials = 1 if side == "src" else 2  # </s>; <s> and </s>
+            parts, lengths, done = [], [], 0
+            for _, best, at, bounds in self._chunks(side):
+                words = self.words[side][done:done + len(bounds) - 1].astype(np.int64)
+                sampled, pieces = self.lattices.sample(words, key, done)
+                done += len(words)
+                length = np.diff(bounds)
+                sentence = np.searchsorted(at, bounds[:-1], side="right") - 1
+                too_long = np.bincount(sentence, weights=sampled, minlength=len(at) - 1) - specials > self.max_len
+                kept = too_long[sentence]
+                count = np.where(kept, length, sampled)
+                out = pieces.astype(self.split.ids[side].dtype)
+                if kept.any():  # each word's pieces: its sampled ones, or its best ones in a sentence too long
+                    within = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+                    new = np.repeat(~kept, count)
+                    source = np.where(new, np.repeat(np.cumsum(sampled) - sampled, count),
+                                      np.repeat(bounds[:-1], count)) + within
+                    out = np.empty(len(source), dtype=self.split.ids[side].dtype)
+                    out[new] = pieces[source[new]]
+                    out[~new] = best[source[~new]]
+                parts.append(out)
+                lengths.append(np.bincount(sentence, weights=count, minlength=len(at) - 1).astype(np.int64))
+            ids[side] = np.concatenate([np.empty(0, dtype=self.split.ids[side].dtype)] + parts)
+            offsets[side] = np.concatenate([[0], np.cumsum(np.concatenate([np.empty(0, np.int64)] + lengths))])
         return Split(self.split.name, ids, offsets)
