@@ -117,25 +117,24 @@ class Lattices:
         segmentation so depends on the key and its number alone, not on the words drawn
         beside it.
         """
-        at = self.end[words].copy()
-        stop = self.start[words]
-        count = np.zeros(len(words), dtype=np.int64)
-        number = np.arange(first, first + len(words), dtype=np.uint64)
+        at, stop = self.end[words], self.start[words]
+        live = np.flatnonzero(at != stop)  # the words still drawing, and their state:
+        at, stop, number = at[live], stop[live], live.astype(np.uint64) + np.uint64(first)
         drawn: list[tuple[np.ndarray, np.ndarray]] = []  # step by step: (words, their pieces)
-        live = np.flatnonzero(at != stop)
         step = 0
         while len(live):
-            uniform = (splitmix64(key + (number[live] | np.uint64(step << 40)) * GAMMA) >> np.uint64(11)) * 2.0**-53
-            edge = self.first[at[live]]
+            uniform = (splitmix64(key + (number | np.uint64(step << 40)) * GAMMA) >> np.uint64(11)) * 2.0**-53
+            edge = self.first[at]
             on = np.flatnonzero(self.within[edge] <= uniform)
             while len(on):  # a few edges end at a node: walk them
                 edge[on] += 1
                 on = on[self.within[edge[on]] <= uniform[on]]
             drawn.append((live, self.edge_id[edge]))
-            at[live] = self.edge_from[edge]
-            count[live] += 1
-            live = live[at[live] != stop[live]]
+            at = self.edge_from[edge]
+            going = at != stop
+            live, at, stop, number = live[going], at[going], stop[going], number[going]
             step += 1
+        count = np.bincount(np.concatenate([np.empty(0, np.int64)] + [w for w, _ in drawn]), minlength=len(words))
         ends = np.cumsum(count)
         out = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
         for step, (live, piece) in enumerate(drawn):  # drawn from each word's end
