@@ -100,10 +100,10 @@ class TranslationTask:
         if self.cfg.sp_alpha > 0:
             started = time.perf_counter()
             self._resegmenter = Resegmenter(self.tokenizer, self.corpus.train, self.cfg.sp_alpha, self.cfg.max_len)
-            words = self._resegmenter
+            sampler = self._resegmenter
             log.info("subword sampling (data.sp_alpha %g): %s word occurrences of %s distinct words, numbered "
-                     "and their lattices built in %.1f s", self.cfg.sp_alpha, f"{words.occurrences:,}",
-                     f"{len(words.lattices.start):,}", time.perf_counter() - started)
+                     "and their lattices built in %.1f s", self.cfg.sp_alpha, f"{sampler.occurrences:,}",
+                     f"{len(sampler.lattices.start):,}", time.perf_counter() - started)
 
     def train_batches(self, epoch: int, start: int = 0) -> Iterable[Batch]:
         """Epoch ``epoch``'s batches from batch ``start`` on: a fresh shuffle, reproducible
