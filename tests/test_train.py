@@ -175,10 +175,11 @@ def test_the_bf16_copys_layer_norms_compute_in_float32(device):
         assert float((got - want).norm() / want.norm()) < 5e-3
 
 
-def test_bf16_weights_under_ddp_hand_over_the_gradients_after_the_last_micro_batch(monkeypatch):
-    """DDP all-reduces during the last micro-batch's backward pass only (``no_sync``
-    before it): the copy's gradients must reach the fp32 model once, after it, or the
-    earlier micro-batches' would skip the all-reduce."""
+def test_bf16_weights_under_ddp_sum_the_micro_batches_before_the_last_in_float32(monkeypatch):
+    """Under DDP (``no_sync`` before the last micro-batch) each earlier micro-batch's
+    gradients go to the fp32 model after its backward pass, as in one process; the last
+    one's reach it through the all-reduce hook only (tests/test_distributed.py), so the
+    copy's are dropped, not added a second time."""
     import contextlib
 
     class NoSyncRecorder:
@@ -191,12 +192,14 @@ def test_bf16_weights_under_ddp_hand_over_the_gradients_after_the_last_micro_bat
 
     trainer = Trainer(tiny_model(), TrainConfig(amp="bf16-weights", accum_steps=3), 0, torch.device("cpu"))
     trainer.ddp = NoSyncRecorder()  # the forward pass stays the copy's own
-    pushed = []
-    push = trainer.bf16_copy.push_grads
+    pushed, dropped = [], []
+    push, drop = trainer.bf16_copy.push_grads, trainer.bf16_copy.drop_grads
     monkeypatch.setattr(trainer.bf16_copy, "push_grads", lambda: (pushed.append(trainer.ddp.calls), push()))
+    monkeypatch.setattr(trainer.bf16_copy, "drop_grads", lambda: (dropped.append(trainer.ddp.calls), drop()))
     trainer.accumulate([make_batch([[3, 4, 5]]), make_batch([[6, 7]]), make_batch([[8, 9, 10]])])
-    assert pushed == [2]  # once, after the two no_sync micro-batches and the last one
-    assert all(p.grad is not None for p in trainer.model.parameters())
+    assert pushed == [1, 2] and dropped == [2]  # after each no_sync micro-batch; the last one's dropped
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainer.model.parameters())
+    assert all(c.grad is None for c in trainer.bf16_copy.copy.parameters())
 
 
 @pytest.mark.slow

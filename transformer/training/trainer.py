@@ -93,6 +93,8 @@ class Trainer:
         # DDP all-reduces the gradients; self.model stays the plain module (checkpoints
         # hold no "module." prefix). Training steps call self.forward.
         self.ddp = self.dist.wrap(self.net)
+        if self.ddp is not None and self.bf16_copy:
+            self.bf16_copy.reduce_in_float32(self.ddp)
         self.forward = _compiled(self.ddp or self.net, device) if cfg.compile else (self.ddp or self.net)
         self.criterion = LabelSmoothing(model.tgt_vocab, pad_id, cfg.label_smoothing)
         self.optimizer = make_optimizer(model, cfg)
@@ -172,10 +174,10 @@ class Trainer:
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 loss = self.loss(batch.to(self.device, non_blocking=True), train=True)
                 self.scaler.scale(loss * self.dist.world_size / ntokens).backward()
-            if self.bf16_copy and (self.ddp is None or last):
-                # Summed in fp32 over the micro-batches; under DDP the copy keeps them until
-                # the last one's backward pass, which all-reduces their sum.
-                self.bf16_copy.push_grads()
+            if self.bf16_copy and self.ddp is not None and last:
+                self.bf16_copy.drop_grads()  # the all-reduce put the sum in the fp32 weights'
+            elif self.bf16_copy:
+                self.bf16_copy.push_grads()  # summed in fp32 over the micro-batches
             total += loss.detach()
         return total, ntokens
 
