@@ -17,7 +17,7 @@ from conftest import ROOT
 from test_translation import slice_overrides, slices  # noqa: F401 (a fixture)
 
 from transformer.config import ConfigError, load_config
-from transformer.data.sampling import Lattices, Resegmenter, WordTypes
+from transformer.data.sampling import Lattices, Resegmenter, WordTypes, _Pieces
 from transformer.tasks.translation import TranslationTask
 
 
@@ -99,6 +99,68 @@ def test_word_types_number_every_word_as_a_dict_of_tuples_does(vocab_size):
     # The same partition: equal words, equal numbers, and only those.
     pairs = set(zip(got, want))
     assert len(pairs) == len(set(got)) == len(set(want))
+
+
+def word_lattice(tokenizer, word, alpha):
+    """One word's lattice, the plain way: its edges (from, to, id) ordered by end node,
+    then start node, and each edge's probability among those ending at its end node."""
+    sp = tokenizer.sp
+    normal = [not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i))
+              for i in range(sp.get_piece_size())]
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if normal[i]}
+    if all(normal[i] for i in word):
+        text = "".join(sp.id_to_piece(i) for i in word)
+        spans = [(a, b, vocab[text[a:b]]) for b in range(1, len(text) + 1) for a in range(b) if text[a:b] in vocab]
+    else:
+        spans = [(k, k + 1, i) for k, i in enumerate(word)]
+    reach = [0.0] + [-math.inf] * spans[-1][1]
+    for a, b, i in spans:
+        reach[b] = float(np.logaddexp(reach[b], reach[a] + alpha * sp.get_score(i)))
+    edges = [(a, b, i) for a, b, i in spans if reach[a] > -math.inf]
+    return edges, [math.exp(reach[a] + alpha * sp.get_score(i) - reach[b]) for a, b, i in edges]
+
+
+def test_lattices_hold_every_segmentation_of_each_word_with_its_probability(task, monkeypatch):
+    """The lattices built for all words at once (in blocks) hold each word's edges, in
+    order, with the probabilities of the plain construction word by word: for Multi30k's
+    words, words joined from random pieces, and words with a control, unknown or byte
+    piece (which keep their own segmentation). The first hash multiplier, 0, makes the
+    pieces' hashes collide, so another is taken."""
+    sp, rng = task.tokenizer.sp, np.random.default_rng(0)
+    normal = [i for i in range(sp.get_piece_size()) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))]
+    words = [tuple(sp.encode(w)) for w in ["Kinder", "spielen", "Fußballspieler", "wearing", "x"]]
+    words += [tuple(rng.choice(normal, size=rng.integers(1, 6)).tolist()) for _ in range(300)]
+    words += [(sp.bos_id(),), (5, sp.unk_id(), 7), (sp.piece_to_id("<0x41>"), normal[10]), (normal[3],)]
+    assert sp.is_byte(sp.piece_to_id("<0x41>"))
+    monkeypatch.setattr(_Pieces, "MULTIPLIERS", (0, *_Pieces.MULTIPLIERS))
+    lattices = Lattices(task.tokenizer, words, 0.5, block=37)
+    first, edges = lattices.first.astype(np.int64), len(lattices.edge_id)
+    end_node = np.repeat(np.arange(len(first)), np.diff(np.append(first, edges)))
+    # Each edge's probability: its node's cumulated sum less the one before it at that node.
+    before = np.where(np.arange(edges) > first[end_node], np.append(0.0, lattices.within[:-1]), 0.0)
+    probability = lattices.within - before
+    for w, word in enumerate(words):
+        want, probs = word_lattice(task.tokenizer, word, 0.5)
+        start, end = lattices.start[w], lattices.end[w]
+        assert end - start == want[-1][1], word
+        at = slice(first[start], first[end + 1] if end + 1 < len(first) else edges)
+        got = list(zip((lattices.edge_from[at] - start).tolist(), (end_node[at] - start).tolist(),
+                       lattices.edge_id[at].tolist()))
+        assert got == want, word
+        np.testing.assert_allclose(probability[at], probs, rtol=1e-9, atol=1e-12, err_msg=str(word))
+
+
+def test_a_substring_whose_hash_is_a_pieces_is_not_taken_for_it(monkeypatch):
+    """With the multiplier 1 a hash is the sum of the characters, so "ba" hashes as the
+    piece "ab" does: only a check of the characters keeps it out of the word's edges."""
+    monkeypatch.setattr(_Pieces, "MULTIPLIERS", (1,))
+    pieces = _Pieces(["\u2581", "a", "b", "ab"])
+    word = np.array([0, 2, 1])  # "▁ba"
+    froms, tos, ids = pieces.spans(word, np.array([3]), np.array([True]), np.array([10]))
+    assert sorted(zip(froms.tolist(), tos.tolist(), ids.tolist())) == [(10, 11, 0), (11, 12, 2), (12, 13, 1)]
+    word = np.array([0, 3])  # "▁ab"
+    froms, tos, ids = pieces.spans(word, np.array([2]), np.array([True]), np.array([0]))
+    assert sorted(zip(froms.tolist(), tos.tolist(), ids.tolist())) == [(0, 1, 0), (1, 2, 1), (1, 3, 3), (2, 3, 2)]
 
 
 def exact(tokenizer, word, alpha):

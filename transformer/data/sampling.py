@@ -23,7 +23,7 @@ filtering, backward sampling).
 
 from __future__ import annotations
 
-import math
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
@@ -49,6 +49,87 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+class _Pieces:
+    """A vocabulary's pieces as characters, to find every piece spelled inside words.
+
+    The substrings of a word are grown leftwards from each character: one of ``n``
+    characters is kept growing while it ends some piece (its polynomial hash is among
+    those of the pieces' last ``n`` characters), is looked up among the pieces of ``n``
+    characters by its hash, and a hit is confirmed character by character.
+
+    Args:
+        pieces: each id's text; "" for an id that never spans a substring.
+    """
+
+    MULTIPLIERS = (0x100000001B3, 0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F)
+
+    def __init__(self, pieces: list[str]):
+        self.length = np.array([len(p) for p in pieces], dtype=np.int64)
+        self.longest = int(self.length.max(initial=1))
+        self.chars = np.zeros((len(pieces), self.longest), dtype=np.int64)
+        for k, piece in enumerate(pieces):
+            self.chars[k, :len(piece)] = [ord(c) for c in piece]
+        for multiplier in self.MULTIPLIERS:  # one under which no two pieces of a length collide
+            self.powers = [np.uint64(pow(multiplier, k, 1 << 64)) for k in range(self.longest)]
+            self.pieces, self.endings = {}, {}  # by length: (hashes sorted, their ids); hashes
+            hashes = np.zeros(len(pieces), dtype=np.uint64)  # of each piece's last n characters
+            for n in range(1, self.longest + 1):
+                ids = np.flatnonzero(self.length >= n)
+                hashes[ids] += self.chars[ids, self.length[ids] - n].astype(np.uint64) * self.powers[n - 1]
+                self.endings[n] = np.unique(hashes[ids])
+                ids = np.flatnonzero(self.length == n)
+                order = np.argsort(hashes[ids])
+                self.pieces[n] = (hashes[ids][order], ids[order])
+            if all(len(np.unique(h)) == len(h) for h, _ in self.pieces.values()):
+                break
+        else:
+            raise RuntimeError("no multiplier hashes this vocabulary's pieces apart")
+
+    def spans(self, pieces: np.ndarray, count: np.ndarray, plain: np.ndarray, start: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every edge of a block of words: (from node, to node, piece id).
+
+        Args:
+            pieces: the words' pieces, word after word (``count`` each).
+            plain: the words made of normal pieces: their edges are every piece spelled
+                by a substring; another word's are its own pieces, one after the other.
+            start: each word's first node.
+        """
+        word = np.repeat(np.arange(len(count)), count)
+        chain = ~plain[word]
+        k = np.arange(len(pieces)) - (np.cumsum(count) - count)[word]  # the piece's place in its word
+        froms, tos, ids = [start[word[chain]] + k[chain]], [start[word[chain]] + k[chain] + 1], [pieces[chain]]
+        kept, word = pieces[~chain], word[~chain]
+        n = self.length[kept]
+        within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        chars = self.chars[np.repeat(kept, n), within]
+        word = np.repeat(word, n)
+        chars_in = np.bincount(word, minlength=len(count))
+        position = np.arange(len(chars)) - (np.cumsum(chars_in) - chars_in)[word]  # in its word
+        last = np.arange(len(chars))  # the growing substrings' last characters, and their hashes
+        hashes = np.zeros(len(chars), dtype=np.uint64)
+        for n in range(1, self.longest + 1):
+            inside = position[last] >= n - 1
+            last, hashes = last[inside], hashes[inside]
+            hashes = hashes + chars[last - (n - 1)].astype(np.uint64) * self.powers[n - 1]
+            endings = self.endings[n]
+            ending = endings[np.minimum(np.searchsorted(endings, hashes), len(endings) - 1)] == hashes
+            last, hashes = last[ending], hashes[ending]
+            table, table_ids = self.pieces[n]
+            if not len(table) or not len(last):
+                continue
+            at = np.minimum(np.searchsorted(table, hashes), len(table) - 1)
+            hit = np.flatnonzero(table[at] == hashes)
+            piece = table_ids[at[hit]]
+            same = (chars[(last[hit] - (n - 1))[:, None] + np.arange(n)] == self.chars[piece, :n]).all(axis=1)
+            hit, piece = hit[same], piece[same]
+            end = start[word[last[hit]]] + position[last[hit]] + 1
+            froms.append(end - n)
+            tos.append(end)
+            ids.append(piece)
+        return tuple(np.concatenate(parts) for parts in (froms, tos, ids))
+
+
 class Lattices:
     """Every segmentation of a set of words, for drawing segmentations by their probability.
 
@@ -63,49 +144,70 @@ class Lattices:
         alpha: the smoothing (``data.sp_alpha``).
     """
 
-    def __init__(self, tokenizer: SentencePieceTokenizer, words: list[tuple[int, ...]], alpha: float):
+    def __init__(self, tokenizer: SentencePieceTokenizer, words: list[tuple[int, ...]], alpha: float,
+                 block: int = 1 << 17):
         sp = tokenizer.sp
         n = sp.get_piece_size()
-        pieces = [sp.id_to_piece(i) for i in range(n)]
-        normal = [not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i)) for i in range(n)]
-        vocab = {p: i for i, p in enumerate(pieces) if normal[i]}
-        score = [alpha * sp.get_score(i) for i in range(n)]
-        longest = max(map(len, vocab), default=1)
-        self.start = np.zeros(len(words), dtype=np.int64)
-        ends, froms, ids, weights = [], [], [], []
-        node = 0
-        for w, word in enumerate(words):
-            self.start[w] = node
-            if all(normal[i] for i in word):
-                text = "".join(pieces[i] for i in word)
-                spans = [(a, b, vocab[text[a:b]]) for b in range(1, len(text) + 1)
-                         for a in range(max(0, b - longest), b) if text[a:b] in vocab]
-            else:  # one path, one node per piece: its best segmentation
-                spans = [(k, k + 1, i) for k, i in enumerate(word)]
-            length = spans[-1][1]
-            # Forward: log of the summed weight of the paths from the start to each node.
-            reach = [0.0] + [-math.inf] * length
-            for a, b, i in spans:  # ordered by end node
-                x, y = reach[b], reach[a] + score[i]
-                reach[b] = max(x, y) + math.log1p(math.exp(-abs(x - y))) if x > -math.inf else y
-            for a, b, i in spans:
-                if reach[a] > -math.inf:  # an edge from a node no path reaches is never drawn
-                    ends.append(node + b)
-                    froms.append(node + a)
-                    ids.append(i)
-                    weights.append(reach[a] + score[i] - reach[b])
-            node += length + 1
-        self.end = np.append(self.start[1:], node) - 1
+        normal = np.array([not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i))
+                           for i in range(n)])
+        score = alpha * np.array([sp.get_score(i) for i in range(n)])
+        vocab = _Pieces([sp.id_to_piece(i) if normal[i] else "" for i in range(n)])
+        pieces = np.fromiter(itertools.chain.from_iterable(words), dtype=np.int64)
+        count = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        # A word of normal pieces has a node per character boundary; another, one per piece.
+        offset = np.cumsum(count) - count
+        plain = np.logical_and.reduceat(normal[pieces], offset) if len(pieces) else np.ones(0, dtype=bool)
+        length = np.where(plain, np.add.reduceat(vocab.length[pieces], offset) if len(pieces) else 0, count)
+        self.start = np.cumsum(length + 1) - (length + 1)
+        node = int(self.start[-1] + length[-1] + 1) if len(words) else 0
+        self.end = self.start + length
+        # Every edge (from, to, piece), in blocks of words so the temporaries stay bounded.
+        froms, tos, ids = [], [], []
+        for w in range(0, len(words), block):
+            at = slice(offset[w], offset[w] + count[w:w + block].sum())
+            spans = vocab.spans(pieces[at], count[w:w + block], plain[w:w + block], self.start[w:w + block])
+            for out, part in zip((froms, tos, ids), spans):
+                out.append(part)
+        # Node numbers in 4 bytes while they fit, ids in 2: the edges are most of the memory.
+        index = np.int32 if node < 1 << 31 else np.int64
+        a, b, i = (np.concatenate([np.empty(0, dtype)] + parts).astype(dtype, copy=False) for parts, dtype in (
+            (froms, index), (tos, index), (ids, np.uint16 if n <= 1 << 16 else np.int32)))
+        del froms, tos, ids
+        # By end node, then start node (a piece's length is at most vocab.longest): the order
+        # the forward pass takes them in.
+        order = np.argsort(b * np.int64(vocab.longest + 1) + (vocab.longest - (b - a)), kind="stable")
+        a, b, i = a[order], b[order], i[order]
+        del order
+        # Forward: log of the summed weight of the paths from each word's start to each node,
+        # node position by node position for all words at once, and at each node over its
+        # edges in order (a left fold of logaddexp: one path's weight, then the next's, ...).
+        reach = np.full(node, -np.inf)
+        reach[self.start] = 0.0
+        position = (np.arange(node) - np.repeat(self.start, length + 1))[b]  # the end node's, in its word
+        if position.max(initial=0) < 1 << 16:
+            position = position.astype(np.uint16)  # numpy sorts 16-bit integers by radix
+        by = np.argsort(position, kind="stable")  # still by end node within a position
+        at = np.searchsorted(position[by], np.arange(int(position.max(initial=0)) + 2))
+        edge_score = score[i]
+        froms, ends, scores = a[by], b[by], edge_score[by]
+        for p in range(1, len(at) - 1):
+            edges = slice(at[p], at[p + 1])
+            if at[p] < at[p + 1]:
+                heads = np.flatnonzero(np.diff(ends[edges], prepend=-1))
+                reach[ends[edges][heads]] = np.logaddexp.reduceat(reach[froms[edges]] + scores[edges], heads)
+        del froms, ends, scores
+        live = reach[a] > -np.inf  # an edge from a node no path reaches is never drawn
+        a, b, i, edge_score = a[live], b[live], i[live], edge_score[live]
+        weight = reach[a] + edge_score - reach[b]
         # The edges ending at each node, together, their probabilities (summing to 1)
         # cumulated: the edge drawn at a node is its first whose sum exceeds a uniform draw.
-        end = np.asarray(ends, dtype=np.int64)
-        cum = np.cumsum(np.exp(np.asarray(weights)))
-        self.first = np.searchsorted(end, np.arange(node), side="left")  # each node's first edge
-        before = self.first[end]
-        self.within = np.minimum(cum - np.where(before > 0, cum[before - 1], 0.0), 1.0)
-        self.within[np.append(end[1:] != end[:-1], True)[:len(end)]] = 1.0  # each node's last edge
-        self.edge_from = np.asarray(froms, dtype=np.int64)
-        self.edge_id = np.asarray(ids, dtype=np.int64)
+        cum = np.cumsum(np.exp(weight))
+        ending = np.bincount(b, minlength=node)
+        first = np.cumsum(ending) - ending  # each node's first edge
+        self.within = np.minimum(cum - np.where(first[b] > 0, cum[first[b] - 1], 0.0), 1.0)
+        self.within[np.append(b[1:] != b[:-1], True)[:len(b)]] = 1.0  # each node's last edge
+        self.first = first.astype(np.int32 if len(b) < 1 << 31 else np.int64)
+        self.edge_from, self.edge_id = a, i
 
     def sample(self, words: np.ndarray, key: np.uint64, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """One segmentation of each word of ``words`` (indices): its pieces' count per word
