@@ -13,7 +13,8 @@ another, the most wanted first, each with its own time limit and all within ``--
   without the cache (the outputs must be equal) and beam 5;
 * ``--steps`` (100) steps each with fp16 autocast (and its gradient scaler) and with
   ``train.amp: bf16-weights``;
-* ``torchrun`` with one process, and with two: NCCL takes one process per GPU, so on a
+* ``torchrun`` with one process, and with two (``bf16-weights``, whose gradients are
+  all-reduced in fp32 by a communication hook): NCCL takes one process per GPU, so on a
   one-GPU machine the second must stop with our error saying so, and with two GPUs it
   must train over NCCL;
 * ``train.compile``, then beam 5 with ``--dtype bf16`` and fp16;
@@ -93,8 +94,10 @@ def plan(device: str, work: Path, config: str, minutes: float, steps: int, quick
               240, runs["bf16-weights"]),
         Check("torchrun, 1 process", torchrun + ["--nproc_per_node", "1"]
               + train_argv(config, device, runs["torchrun1"], *short)[1:], 180, runs["torchrun1"]),
-        Check(f"torchrun, 2 processes, {'NCCL' if cuda else 'gloo'}", torchrun + ["--nproc_per_node", "2"]
-              + train_argv(config, device, runs["torchrun2"], *short)[1:], 180, runs["torchrun2"],
+        # bf16-weights: its gradients' fp32 all-reduce is a DDP communication hook.
+        Check(f"torchrun, 2 processes, {'NCCL' if cuda else 'gloo'}, bf16-weights", torchrun + ["--nproc_per_node", "2"]
+              + train_argv(config, device, runs["torchrun2"], "train.amp=bf16-weights", short[1])[1:], 180,
+              runs["torchrun2"],
               expect_failure="use at most one process per GPU" if gpus < 2 else None),
         Check("train compile", train_argv(config, device, runs["compile"], "train.amp=bf16", "train.compile=true",
                                           limit), 360, runs["compile"]),

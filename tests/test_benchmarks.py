@@ -6,6 +6,7 @@ import sys
 
 import pytest
 from conftest import ROOT, TINY, run_cli
+from test_translation import slice_overrides, slices  # noqa: F401 (a fixture)
 
 from transformer.data.batching import Batch
 
@@ -78,3 +79,12 @@ def test_the_gpu_checks_set_only_keys_the_configs_take(tmp_path):
     # The GPU image has no spacy: the test files it runs must not need it.
     for name in gpu_check.DEVICE_TESTS:
         assert "spacy" not in (ROOT / name).read_text(), name
+
+
+def test_sampler_start_builds_the_lattices_of_as_many_words_as_asked(slices, tmp_path):  # noqa: F811
+    """More distinct words than the slice holds: the rest are joined from two of its words."""
+    overrides = [a for s in slice_overrides(slices, f"data.prepared={tmp_path}") for a in ("--set", s)]
+    result = run_cli("benchmarks/sampler_start.py", "--words", "300,3000", *overrides)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "lattices built" in line]
+    assert "CPU:" in result.stdout and [line.split()[0] for line in lines] == ["300", "3,000"], result.stdout
