@@ -122,7 +122,7 @@ def word_lattice(tokenizer, word, alpha):
 
 def test_lattices_hold_every_segmentation_of_each_word_with_its_probability(task, monkeypatch):
     """The lattices built for all words at once (in blocks) hold each word's edges, in
-    order, with the probabilities of the plain construction word by word: for Multi30k's
+    order, with the probabilities of the plain construction word by word: for a few real
     words, words joined from random pieces, and words with a control, unknown or byte
     piece (which keep their own segmentation). The first hash multiplier, 0, makes the
     pieces' hashes collide, so another is taken."""
