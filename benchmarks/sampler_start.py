@@ -32,7 +32,7 @@ from machine import describe
 
 # One size, in a process of its own (argv: config, overrides, alpha, words): a JSON line.
 ONE_SIZE = """
-import itertools, json, resource, sys, time
+import json, resource, sys, time
 import numpy as np
 from transformer.config import load_config
 from transformer.data.prepared import SIDES
