@@ -36,19 +36,16 @@ import json, resource, sys, time
 import numpy as np
 from transformer.config import load_config
 from transformer.data.prepared import SIDES
-from transformer.data.sampling import Lattices, Resegmenter, WordTypes
+from transformer.data.sampling import Lattices, WordBoundaries, WordTypes
 from transformer.tasks.translation import TranslationTask
 
 config, overrides, alpha, n = json.loads(sys.argv[1])
 task = TranslationTask(load_config(config, [*overrides, "data.sp_alpha=0"]))
 sp = task.tokenizer.sp
 types = WordTypes(sp.get_piece_size())
-reader = Resegmenter.__new__(Resegmenter)
-reader.split, reader.chunk = task.corpus.train, 1 << 16
-reader._starts = np.array([sp.id_to_piece(i).startswith("\\u2581") for i in range(sp.get_piece_size())])
-reader._special = np.array([sp.is_control(i) for i in range(sp.get_piece_size())])
+boundaries = WordBoundaries(task.tokenizer)
 for side in SIDES:
-    for _, ids, _, bounds in reader._chunks(side):
+    for _, ids, _, bounds in boundaries.chunks(task.corpus.train, side):
         types.number(ids, bounds)
 base, words = types.words, list(types.words[:n])
 seen, rng = set(words), np.random.default_rng(0)

@@ -17,7 +17,8 @@ from conftest import ROOT
 from test_translation import slice_overrides, slices  # noqa: F401 (a fixture)
 
 from transformer.config import ConfigError, load_config
-from transformer.data.sampling import Lattices, Resegmenter, WordTypes, _Pieces
+from transformer.data.prepared import Split
+from transformer.data.sampling import Lattices, Resegmenter, WordBoundaries, WordTypes, _Pieces
 from transformer.tasks.translation import TranslationTask
 
 
@@ -79,6 +80,43 @@ def test_chunks_of_any_size_sample_the_same_segmentation(task):
     count, pieces = lattices.sample(words, key)
     tail_count, tail_pieces = lattices.sample(words[200:], key, first=200)
     assert (tail_count == count[200:]).all() and (tail_pieces == pieces[count[:200].sum():]).all()
+
+
+def plain_words(sp, sentence):
+    """A sentence's words, the plain way: a word starts at a piece with "▁", at the
+    sentence's start, and at and after a control piece."""
+    words = []
+    for k, i in enumerate(sentence):
+        if not words or sp.id_to_piece(i).startswith("\u2581") or sp.is_control(i) or sp.is_control(sentence[k - 1]):
+            words.append([])
+        words[-1].append(i)
+    return [tuple(w) for w in words]
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 16])
+def test_word_boundaries_split_each_sentence_as_the_plain_way_does(task, chunk):
+    """On the training split, and on random sentences (any piece, controls among them,
+    sentences starting without "▁", empty ones) where every rule decides some word."""
+    sp, rng = task.tokenizer.sp, np.random.default_rng(0)
+    train = task.corpus.train
+    lengths = rng.integers(0, 12, size=300)
+    pieces = rng.choice([*range(sp.get_piece_size())] + [sp.bos_id(), sp.eos_id()] * 400, size=int(lengths.sum()))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    random = Split("train", {"src": pieces, "tgt": train.ids["tgt"]}, {"src": offsets, "tgt": train.offsets["tgt"][:301]})
+    boundaries = WordBoundaries(task.tokenizer)
+    for split, side in ((train, "src"), (train, "tgt"), (random, "src")):
+        got, chunks = [], 0
+        for first, ids, at, bounds in boundaries.chunks(split, side, chunk):
+            assert first == chunks * chunk
+            chunks += 1
+            ids, bounds = ids.tolist(), bounds.tolist()
+            for a, b in itertools.pairwise(at.tolist()):  # the words inside each sentence
+                inside = [w for w in bounds if a <= w < b] + [b]
+                got.append([tuple(ids[u:v]) for u, v in itertools.pairwise(inside)])
+        want = [plain_words(sp, split.ids[side][a:b].tolist()) for a, b in itertools.pairwise(split.offsets[side])]
+        assert got == want
+        assert chunks == -(-len(split) // chunk)
+        assert any(len(words) > 3 for words in want) and any(sp.is_control(w[0]) for words in want for w in words)
 
 
 @pytest.mark.parametrize("vocab_size", [8000, 1 << 20])

@@ -319,6 +319,35 @@ class WordTypes:
         return numbers
 
 
+class WordBoundaries:
+    """Where the words of a split's sentences begin: at a piece with "▁", at a sentence's
+    start, and at and after a special piece (a control one: ``<s>``, ``</s>``).
+
+    Args:
+        tokenizer: the SentencePiece model that made the split's ids.
+    """
+
+    def __init__(self, tokenizer: SentencePieceTokenizer):
+        sp = tokenizer.sp
+        self.starts = np.array([sp.id_to_piece(i).startswith(WORD_START) for i in range(sp.get_piece_size())])
+        self.special = np.array([sp.is_control(i) for i in range(sp.get_piece_size())])
+
+    def chunks(self, split: Split, side: str, chunk: int = CHUNK
+               ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """The side's sentences ``chunk`` at a time: (first sentence, ids, offsets from the
+        chunk's start, word boundaries: each word's first id, then the end)."""
+        offsets = split.offsets[side]
+        for first in range(0, len(split), chunk):
+            last = min(first + chunk, len(split))
+            at = np.asarray(offsets[first:last + 1], dtype=np.int64)
+            ids = np.asarray(split.ids[side][at[0]:at[-1]], dtype=np.int64)
+            at = at - at[0]
+            starts = self.starts[ids] | self.special[ids]
+            starts[1:] |= self.special[ids[:-1]]
+            starts[at[:-1][at[:-1] < len(ids)]] = True
+            yield first, ids, at, np.append(np.flatnonzero(starts), len(ids))
+
+
 class Resegmenter:
     """Each epoch's sampled segmentation of a training split.
 
@@ -339,31 +368,15 @@ class Resegmenter:
     def __init__(self, tokenizer: SentencePieceTokenizer, split: Split, alpha: float, max_len: int,
                  chunk: int = CHUNK):
         self.split, self.max_len, self.chunk = split, max_len, chunk
-        sp = tokenizer.sp
-        self._starts = np.array([sp.id_to_piece(i).startswith(WORD_START) for i in range(sp.get_piece_size())])
-        self._special = np.array([sp.is_control(i) for i in range(sp.get_piece_size())])
-        types = WordTypes(sp.get_piece_size())
+        self.boundaries = WordBoundaries(tokenizer)
+        types = WordTypes(tokenizer.sp.get_piece_size())
         words = {side: np.concatenate([np.empty(0, np.uint32)] + [
-            types.number(ids, bounds).astype(np.uint32) for _, ids, _, bounds in self._chunks(side)]) for side in SIDES}
+            types.number(ids, bounds).astype(np.uint32)
+            for _, ids, _, bounds in self.boundaries.chunks(split, side, chunk)]) for side in SIDES}
         small = np.uint16 if len(types.words) <= 1 << 16 else np.uint32
         self.words = {side: numbers.astype(small, copy=False) for side, numbers in words.items()}
         self.occurrences = sum(map(len, self.words.values()))
         self.lattices = Lattices(tokenizer, types.words, alpha)
-
-    def _chunks(self, side: str) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-        """The side's sentences a chunk at a time: (first sentence, ids, offsets from the
-        chunk's start, word boundaries: each word's first id, then the end)."""
-        offsets = self.split.offsets[side]
-        for first in range(0, len(self.split), self.chunk):
-            last = min(first + self.chunk, len(self.split))
-            at = np.asarray(offsets[first:last + 1], dtype=np.int64)
-            ids = np.asarray(self.split.ids[side][at[0]:at[-1]], dtype=np.int64)
-            at = at - at[0]
-            # A word begins at a piece with "▁", at a sentence's start, and at and after a special.
-            starts = self._starts[ids] | self._special[ids]
-            starts[1:] |= self._special[ids[:-1]]
-            starts[at[:-1][at[:-1] < len(ids)]] = True
-            yield first, ids, at, np.append(np.flatnonzero(starts), len(ids))
 
     def epoch(self, seed: int, epoch: int) -> Split:
         """The split of epoch ``epoch`` (0-based) of a run seeded with ``seed``."""
@@ -373,7 +386,7 @@ class Resegmenter:
             key = splitmix64(np.array([int(draw) + number], dtype=np.uint64))[0]
             specials = 1 if side == "src" else 2  # </s>; <s> and </s>
             parts, lengths, done = [], [], 0
-            for _, best, at, bounds in self._chunks(side):
+            for _, best, at, bounds in self.boundaries.chunks(self.split, side, self.chunk):
                 words = self.words[side][done:done + len(bounds) - 1].astype(np.int64)
                 sampled, pieces = self.lattices.sample(words, key, done)
                 done += len(words)
