@@ -5,10 +5,12 @@
     python benchmarks/step_profile.py --config configs/copy.yaml --set model.N=1 ...
 
 It trains the config's model (default: configs/multi30k.yaml, as train.py would, with its
-train.amp) on the first batches of its training data, after WARMUP steps, and prints:
+train.amp) on the first batches of its training data, after WARMUP steps and one step of
+each timed batch, and prints:
   1. the machine (benchmarks/machine.py: CPU model, features, matmul peaks);
   2. target tokens/s and ms a step over --steps steps run without the profiler (it slows
-     small ops down), and the model FLOPs per target token with their share of the peak;
+     small ops down), the model FLOPs per target token with their share of the peak, and
+     the page faults a step (near 0 once the heap has grown to the steps' needs);
   3. torch.profiler's self time of the same batches again, by kind of op: matrix
      products, softmax and exp, dtype casts and copies, random numbers, layer norms, the
      optimizer, the other ops (elementwise and reductions); and the step's wall time no
@@ -24,6 +26,7 @@ Run it on an idle machine.
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -91,13 +94,18 @@ def main() -> int:
         sys.exit(f"error: the training data gives {len(batches)} batches, {WARMUP + args.steps} are needed")
     warmup, timed = batches[:WARMUP], batches[WARMUP:]
     model.train()
-    for batch in warmup:
+    # The timed batches run once before the clock as well: a batch shape's first step
+    # creates oneDNN's kernels for it and grows the heap (fresh pages, which cost a lot
+    # on some virtual machines); a run of many epochs has paid that for most shapes.
+    for batch in warmup + timed:
         trainer.train_step([batch])
 
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     for batch in timed:
         trainer.train_step([batch])
     seconds = time.perf_counter() - start
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     tokens = sum(b.ntokens for b in timed)
     flops = sum(batch_training_flops(cfg.model, task.tokenizer.tgt_vocab_size, b, task.tokenizer.pad_id)
                 for b in timed)
@@ -106,7 +114,8 @@ def main() -> int:
     print(f"\n{Path(args.config).name}, train.amp {cfg.train.amp}: {tokens / seconds:,.0f} target tokens/s, "
           f"{step_ms:.0f} ms a step, {flops / tokens / 1e6:.1f} MFLOP a target token, "
           f"{100 * flops / seconds / 1e9 / peaks[precision]:.1f}% of the {precision} "
-          f"matmul peak ({len(timed)} steps, {tokens / len(timed):,.0f} target tokens a step)")
+          f"matmul peak ({len(timed)} steps, {tokens / len(timed):,.0f} target tokens a step; "
+          f"{faults / len(timed):,.0f} page faults a step)")
 
     from torch.profiler import ProfilerActivity, profile
 
