@@ -10,7 +10,7 @@ each timed batch, and prints:
   1. the machine (benchmarks/machine.py: CPU model, features, matmul peaks);
   2. target tokens/s and ms a step over --steps steps run without the profiler (it slows
      small ops down), the model FLOPs per target token with their share of the peak, and
-     the page faults a step (near 0 once the heap has grown to the steps' needs);
+     the page faults a step (fresh pages touched, many while the heap still grows);
   3. torch.profiler's self time of the same batches again, by kind of op: matrix
      products, softmax and exp, dtype casts and copies, random numbers, layer norms, the
      optimizer, the other ops (elementwise and reductions); and the step's wall time no

@@ -57,6 +57,7 @@ def test_step_profile_runs_on_a_tiny_model():
     result = run_cli("benchmarks/step_profile.py", "--config", "configs/copy.yaml", *TINY, "--steps", "1", "--top", "3")
     assert result.returncode == 0, result.stderr
     assert "CPU:" in result.stdout and "matrix products" in result.stdout and "outside ops" in result.stdout
+    assert "page faults a step" in result.stdout
 
 
 def test_the_gpu_checks_set_only_keys_the_configs_take(tmp_path):
