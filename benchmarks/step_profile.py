@@ -94,9 +94,11 @@ def main() -> int:
         sys.exit(f"error: the training data gives {len(batches)} batches, {WARMUP + args.steps} are needed")
     warmup, timed = batches[:WARMUP], batches[WARMUP:]
     model.train()
-    # The timed batches run once before the clock as well: a batch shape's first step
-    # creates oneDNN's kernels for it and grows the heap (fresh pages, which cost a lot
-    # on some virtual machines); a run of many epochs has paid that for most shapes.
+    # The timed batches run once before the clock as well: a batch's first step grows the
+    # heap (fresh pages, which cost a lot on some virtual machines) as a long run's first
+    # steps do. It also builds oneDNN's kernels for the batch's shapes, which a long run
+    # keeps doing for its new shapes (about 28 a step here, docs/performance.md): that
+    # cost is left out of the profile.
     for batch in warmup + timed:
         trainer.train_step([batch])
 
