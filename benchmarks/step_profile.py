@@ -97,7 +97,7 @@ def main() -> int:
     # The timed batches run once before the clock as well: a batch's first step grows the
     # heap (fresh pages, which cost a lot on some virtual machines) as a long run's first
     # steps do. It also builds oneDNN's kernels for the batch's shapes, which a long run
-    # keeps doing for its new shapes (about 28 a step here, docs/performance.md): that
+    # keeps doing for its new shapes (about 27 a step here, docs/performance.md): that
     # cost is left out of the profile.
     for batch in warmup + timed:
         trainer.train_step([batch])
