@@ -36,7 +36,8 @@ import json, resource, sys, time
 import numpy as np
 from transformer.config import load_config
 from transformer.data.prepared import SIDES
-from transformer.data.sampling import Lattices, WordBoundaries, WordTypes
+from transformer.data.sampling import Lattices
+from transformer.data.words import WordBoundaries, WordTypes
 from transformer.tasks.translation import TranslationTask
 
 config, overrides, alpha, n = json.loads(sys.argv[1])

@@ -18,7 +18,8 @@ from test_translation import slice_overrides, slices  # noqa: F401 (a fixture)
 
 from transformer.config import ConfigError, load_config
 from transformer.data.prepared import Split
-from transformer.data.sampling import Lattices, Resegmenter, WordBoundaries, WordTypes, _Pieces
+from transformer.data.sampling import Lattices, Resegmenter, _Pieces
+from transformer.data.words import WordBoundaries, WordTypes
 from transformer.tasks.translation import TranslationTask
 
 
