@@ -35,19 +35,13 @@ ONE_SIZE = """
 import json, resource, sys, time
 import numpy as np
 from transformer.config import load_config
-from transformer.data.prepared import SIDES
 from transformer.data.sampling import Lattices
-from transformer.data.words import WordBoundaries, WordTypes
+from transformer.data.words import WordBoundaries, number_words
 from transformer.tasks.translation import TranslationTask
 
 config, overrides, alpha, n = json.loads(sys.argv[1])
 task = TranslationTask(load_config(config, [*overrides, "data.sp_alpha=0"]))
-sp = task.tokenizer.sp
-types = WordTypes(sp.get_piece_size())
-boundaries = WordBoundaries(task.tokenizer)
-for side in SIDES:
-    for _, ids, _, bounds in boundaries.chunks(task.corpus.train, side):
-        types.number(ids, bounds)
+types, _ = number_words(WordBoundaries(task.tokenizer), task.corpus.train)
 base, words = types.words, list(types.words[:n])
 seen, rng = set(words), np.random.default_rng(0)
 while len(words) < n:

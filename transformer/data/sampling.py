@@ -31,7 +31,7 @@ import torch
 from transformer.data.batching import seeded_generator
 from transformer.data.prepared import SIDES, Split
 from transformer.data.tokenizers import SentencePieceTokenizer
-from transformer.data.words import CHUNK, WordBoundaries, WordTypes
+from transformer.data.words import CHUNK, WordBoundaries, number_words
 
 # Streams of a run's randomness (``seeded_generator``) used here: this offset plus the
 # epoch, clear of the epochs' batch orders (1, 2, ...) and their loaders' (-1, -2, ...).
@@ -263,10 +263,7 @@ class Resegmenter:
                  chunk: int = CHUNK):
         self.split, self.max_len, self.chunk = split, max_len, chunk
         self.boundaries = WordBoundaries(tokenizer)
-        types = WordTypes(tokenizer.sp.get_piece_size())
-        words = {side: np.concatenate([np.empty(0, np.uint32)] + [
-            types.number(ids, bounds).astype(np.uint32)
-            for _, ids, _, bounds in self.boundaries.chunks(split, side, chunk)]) for side in SIDES}
+        types, words = number_words(self.boundaries, split, chunk)
         small = np.uint16 if len(types.words) <= 1 << 16 else np.uint32
         self.words = {side: numbers.astype(small, copy=False) for side, numbers in words.items()}
         self.occurrences = sum(map(len, self.words.values()))

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from transformer.data.prepared import Split
+from transformer.data.prepared import SIDES, Split
 from transformer.data.tokenizers import SentencePieceTokenizer
 
 WORD_START = "\u2581"
@@ -121,3 +121,15 @@ class WordBoundaries:
             starts[1:] |= self.special[ids[:-1]]
             starts[at[:-1][at[:-1] < len(ids)]] = True
             yield first, ids, at, np.append(np.flatnonzero(starts), len(ids))
+
+
+def number_words(boundaries: WordBoundaries, split: Split, chunk: int = CHUNK
+                 ) -> tuple[WordTypes, dict[str, np.ndarray]]:
+    """Every word occurrence of both sides of ``split`` numbered, a chunk of sentences at a
+    time: the distinct words (``WordTypes.words`` by number), and each side's numbers in
+    the order of its occurrences (uint32)."""
+    types = WordTypes(len(boundaries.starts))
+    numbers = {side: np.concatenate([np.empty(0, np.uint32)] + [
+        types.number(ids, bounds).astype(np.uint32) for _, ids, _, bounds in boundaries.chunks(split, side, chunk)])
+        for side in SIDES}
+    return types, numbers
