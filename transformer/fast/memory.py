@@ -1,6 +1,9 @@
-"""glibc's malloc told to keep the memory that training and decoding free and allocate again."""
+"""How training and decoding get their memory: glibc's malloc told to keep what they free and
+allocate again, and torch's allocator asked for huge pages."""
 
 from __future__ import annotations
+
+import os
 
 
 def keep_freed_memory(one_arena: bool = False) -> None:
@@ -33,3 +36,18 @@ def keep_freed_memory(one_arena: bool = False) -> None:
             libc.mallopt(m_arena_max, 1)
     except (OSError, AttributeError):
         pass
+
+
+def ask_for_huge_pages() -> None:
+    """Have torch back its CPU tensors of 2 MiB and more with transparent huge pages.
+
+    With ``THP_MEM_ALLOC_ENABLE=1`` torch's CPU allocator marks each such block
+    ``MADV_HUGEPAGE``, so where the kernel's THP mode is ``madvise`` or ``always`` it maps
+    them in 2 MiB pages: a training step's large temporaries (the output layer's
+    (512, V) chunks, the feed-forward activations) then cost fewer page faults and TLB
+    misses. Training ran about 8% faster with it (docs/performance.md). torch reads the
+    variable once, at its first CPU allocation, so this has to run before any tensor is
+    made; a value already in the environment is kept (``THP_MEM_ALLOC_ENABLE=0`` turns it
+    off).
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
