@@ -299,9 +299,9 @@ def test_run_dir_with_checkpoints_is_never_reused(tmp_path):
 
 
 def test_train_py_gets_huge_pages_for_its_large_tensors():
-    """In a fresh process that imports what ``train_main`` imports and then makes its memory
-    settings, a large tensor lies in transparent huge pages: torch reads its setting at its
-    first CPU allocation, so any tensor made earlier (at an import) would leave it off."""
+    """Inside ``run_training``, called by ``train_main`` in a fresh process, a large tensor lies in
+    transparent huge pages: torch reads its setting at its first CPU allocation, so a tensor made
+    earlier (at any import or step of ``train_main`` before its memory settings) would leave it off."""
     import os
     import subprocess
     import sys
@@ -312,21 +312,25 @@ def test_train_py_gets_huge_pages_for_its_large_tensors():
     if not mode.exists() or "[never]" in mode.read_text():
         pytest.skip("this kernel gives no transparent huge pages")
     code = textwrap.dedent("""
-        import transformer.cli, transformer.config, transformer.data.files
-        import transformer.training.checkpoint, transformer.training.run
-        from transformer.fast.memory import ask_for_huge_pages, keep_freed_memory
-        keep_freed_memory()
-        ask_for_huge_pages()
-        import torch
-        x = torch.ones(16 << 20)  # 64 MiB, touched
-        inside = False
-        for line in open("/proc/self/smaps"):
-            field = line.split()
-            if "-" in field[0]:
-                low, high = (int(a, 16) for a in field[0].split("-"))
-                inside = low <= x.data_ptr() < high
-            elif inside and field[0] == "AnonHugePages:":
-                print(int(field[1]))
+        import sys
+        import transformer.training.run
+
+        def probe(cfg, **kwargs):  # stands in for the training, before it makes any tensor
+            import torch
+            x = torch.ones(16 << 20)  # 64 MiB, touched
+            inside = False
+            for line in open("/proc/self/smaps"):
+                field = line.split()
+                if "-" in field[0]:
+                    low, high = (int(a, 16) for a in field[0].split("-"))
+                    inside = low <= x.data_ptr() < high
+                elif inside and field[0] == "AnonHugePages:":
+                    print(int(field[1]))
+            sys.exit(0)
+
+        transformer.training.run.run_training = probe
+        from transformer.cli import train_main
+        train_main([])
     """)
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     root = Path(__file__).resolve().parent.parent
