@@ -40,7 +40,7 @@ from machine import describe  # noqa: E402
 
 from transformer.config import load_config  # noqa: E402
 from transformer.fast.flops import batch_training_flops  # noqa: E402
-from transformer.fast.memory import ask_for_huge_pages, keep_freed_memory  # noqa: E402
+from transformer.fast.memory import set_up_training_memory  # noqa: E402
 
 WARMUP = 3
 KINDS = {  # op name -> kind; every other op is "other ops"
@@ -77,8 +77,7 @@ def main() -> int:
     from transformer.training.checkpoint import build_model
     from transformer.training.trainer import Trainer
 
-    keep_freed_memory()  # as train.py does
-    ask_for_huge_pages()
+    set_up_training_memory()  # as train.py does
     overrides = ([f"data.dir={args.data_dir}"] if args.data_dir else []) + ["train.device=cpu"] + args.set
     cfg = load_config(args.config, overrides)
     peaks = describe("cpu")

@@ -41,7 +41,7 @@ from machine import cpu_features, describe, sync  # noqa: E402
 from transformer.config import Config, load_config  # noqa: E402
 from transformer.data.batching import Batch  # noqa: E402
 from transformer.fast.flops import batch_training_flops  # noqa: E402
-from transformer.fast.memory import ask_for_huge_pages, keep_freed_memory  # noqa: E402
+from transformer.fast.memory import set_up_training_memory  # noqa: E402
 
 WARMUP = 3  # steps run before the clock starts (1 for the base config: its steps are long)
 AMX_TARGET = 0.20  # the default config's bf16 step, as a share of the bf16 matmul peak, on a CPU with AMX
@@ -73,8 +73,7 @@ def measure(spec: dict) -> dict:
     from transformer.training.checkpoint import build_model
     from transformer.training.trainer import Trainer
 
-    keep_freed_memory()  # as train.py does
-    ask_for_huge_pages()
+    set_up_training_memory()  # as train.py does
     cfg: Config = load_config(spec["config"], spec["overrides"])
     device = torch.device(spec["device"])
     torch.manual_seed(0)

@@ -55,12 +55,11 @@ def train_main(argv: list[str] | None = None) -> int:
 
     from transformer.config import load_config
     from transformer.data.files import DataError
-    from transformer.fast.memory import ask_for_huge_pages, keep_freed_memory
+    from transformer.fast.memory import set_up_training_memory
     from transformer.training.checkpoint import CheckpointError
     from transformer.training.run import finetune_config, resume_state, run_training
 
-    keep_freed_memory()
-    ask_for_huge_pages()  # before the first tensor: torch reads it once
+    set_up_training_memory()  # before the first tensor: torch reads its huge-pages setting once
     path = args.config if args.config is not None else DEFAULT_CONFIG
     overrides = list(args.overrides)
     if args.data_dir is not None:

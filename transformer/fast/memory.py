@@ -52,3 +52,11 @@ def ask_for_huge_pages() -> None:
     off).
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+def set_up_training_memory() -> None:
+    """A training process's memory settings, ``keep_freed_memory`` (main arenas as they are)
+    and ``ask_for_huge_pages``: for ``train.py`` and the benchmarks that train as it does.
+    Call it before the first tensor is made."""
+    keep_freed_memory()
+    ask_for_huge_pages()
