@@ -1,6 +1,7 @@
 """Resuming: an interrupted run, resumed, ends exactly where the uninterrupted one does."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -124,3 +125,41 @@ def test_a_second_sigint_interrupts_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs between bytecodes; never reached
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_signal_during_a_log_write_does_not_reenter_the_log_stream(capfd):
+    """A signal landing while a log record is being written (here: its stream sends the
+    signal from inside ``write``) is handled without writing to any log stream again."""
+    class SignallingStream:
+        def __init__(self):
+            self.inside, self.reentered, self.signalled, self.lines = False, False, False, []
+
+        def write(self, text):
+            self.reentered |= self.inside
+            self.inside = True
+            try:
+                if not self.signalled:
+                    self.signalled = True
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    for _ in range(1000):  # bytecodes for the handler to run between
+                        pass
+                self.lines.append(text)
+            finally:
+                self.inside = False
+
+        def flush(self):
+            pass
+
+    trainer = types.SimpleNamespace(stopping=types.SimpleNamespace(requested=False))
+    stream = SignallingStream()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("transformer")
+    logger.addHandler(handler)
+    try:
+        with stop_on_signals(trainer) as received:
+            logging.getLogger("transformer.training").warning("a record being written")
+    finally:
+        logger.removeHandler(handler)
+    assert received == [signal.SIGTERM] and trainer.stopping.requested
+    assert not stream.reentered and stream.lines == ["a record being written\n"]
+    assert "SIGTERM: stopping after this step" in capfd.readouterr().err

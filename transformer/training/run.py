@@ -8,11 +8,12 @@ gathers what each way starts from; the rest is the same for all three.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,10 +159,14 @@ def stop_on_signals(trainer: Trainer) -> Iterator[list[int]]:
     def request_stop(signum, frame):
         received.append(signum)
         trainer.stopping.requested = True
-        log.warning(
-            "%s: stopping after this step, with a checkpoint; press Ctrl-C again to stop at once",
-            signal.Signals(signum).name,
-        )
+        # The handler runs between two bytecodes of whatever the main thread was doing,
+        # perhaps inside a logging handler's write or flush: logging from here would re-enter
+        # that stream ("reentrant call inside BufferedWriter"). One unbuffered write to
+        # stderr's descriptor shares no state with it; train.log names the signal at the stop.
+        notice = (f"{time.strftime('%H:%M:%S')} WARNING {signal.Signals(signum).name}: stopping after this "
+                  "step, with a checkpoint; press Ctrl-C again to stop at once\n")
+        with suppress(OSError):
+            os.write(2, notice.encode())
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -260,9 +265,10 @@ def _run(
         epochs = trainer.fit(task.train_batches)
     if trainer.stopping.requested:
         validator.save(trainer)
-        log.info("stopped at step %d; saved %s. Continue with: python train.py --resume %s",
-                 trainer.state.step, run_dir / "last.pt", run_dir)
         interrupted = received[0] if received else signal.SIGINT  # or another process's signal
+        log.info("%s: stopped at step %d; saved %s. Continue with: python train.py --resume %s",
+                 signal.Signals(interrupted).name if received else "another process's signal",
+                 trainer.state.step, run_dir / "last.pt", run_dir)
         return RunResult(run_dir, epochs, [], interrupted=interrupted, main=dist.is_main)
     if validator.last_step != trainer.state.step:  # the run ended between two evaluation points
         validator(trainer)
