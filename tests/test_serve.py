@@ -171,6 +171,10 @@ def server(checkpoint, tmp_path_factory):
 
 # -- the batcher on its own -----------------------------------------------------------
 
+# How long a batcher waits for company in the tests that expect a burst in one batch: long
+# enough that a loaded machine's pauses between a test's submits stay inside it.
+BURST_WAIT = 1.0
+
 
 class Recorder:
     """A decode function that records its calls and gives each source the sum of its ids."""
@@ -192,9 +196,12 @@ class Recorder:
 def test_the_batcher_gathers_requests_that_arrive_together():
     threads = torch.get_num_threads()
     decode = Recorder()
-    batcher = Batcher(decode, workers=1, threads=1, wait=0.3)
+    batcher = Batcher(decode, workers=1, threads=1, wait=BURST_WAIT)
     try:
-        greedy = [batcher.submit([[i, 1], [i, 2]], Options(1)) for i in range(5)]
+        greedy = []
+        for i in range(5):  # arriving 20 ms apart: the first waits for the others
+            greedy.append(batcher.submit([[i, 1], [i, 2]], Options(1)))
+            time.sleep(0.02)
         beam = batcher.submit([[7]], Options(4))
         assert [f.result(10) for f in greedy] == [[i + 1, i + 2] for i in range(5)]
         assert beam.result(10) == [28]
@@ -209,7 +216,7 @@ def test_the_batcher_gathers_requests_that_arrive_together():
 
 def test_the_batcher_shares_a_burst_between_its_threads_and_keeps_to_the_budget():
     decode = Recorder(seconds=0.3)
-    batcher = Batcher(decode, workers=2, wait=0.3, batch_tokens=1000, batch_size=256)
+    batcher = Batcher(decode, workers=2, wait=BURST_WAIT, batch_tokens=1000, batch_size=256)
     deadline = time.monotonic() + 10
     while batcher._gathering < 2:  # both threads wait for work
         assert time.monotonic() < deadline
@@ -222,7 +229,7 @@ def test_the_batcher_shares_a_burst_between_its_threads_and_keeps_to_the_budget(
     assert sorted(len(s) for _, s in decode.calls) == [5, 5]
     # The token budget: 3 sentences of 100 tokens per batch at most.
     decode = Recorder()
-    batcher = Batcher(decode, workers=1, wait=0.3, batch_tokens=300)
+    batcher = Batcher(decode, workers=1, wait=BURST_WAIT, batch_tokens=300)
     try:
         futures = [batcher.submit([[1] * 100], Options(1)) for _ in range(7)]
         assert [f.result(10) for f in futures] == [[100]] * 7
@@ -252,7 +259,7 @@ def test_the_batcher_survives_a_failing_batch_and_finishes_its_queue_when_closed
 
 def test_the_batcher_skips_a_job_whose_request_went_away():
     decode = Recorder()
-    batcher = Batcher(decode, workers=1, wait=0.3)
+    batcher = Batcher(decode, workers=1, wait=BURST_WAIT)
     try:
         gone, kept = batcher.submit([[5]], Options(1)), batcher.submit([[6]], Options(1))
         assert gone.cancel()
