@@ -310,21 +310,21 @@ def test_a_streaming_batcher_lets_sentences_join_and_leave_between_steps():
     decode = Recorder()
     batcher = Batcher(decode, workers=1, wait=0.3, stream=Counting, streams=greedy)
     try:
-        long = batcher.submit([[40, 1]], Options(1))
+        long = batcher.submit([[200, 1]], Options(1))  # 200 steps of 5 ms: 1 s at least
         while not Counting.steps:
             time.sleep(0.001)
         short = batcher.submit([[3], [2, 5]], Options(1))
         beam = batcher.submit([[7]], Options(4))  # not streamed: a batch between two steps
         assert short.result(10) == [3, 7] and not long.done()
         assert beam.result(10) == [28] and not long.done()
-        assert long.result(10) == [41]
+        assert long.result(10) == [201]
     finally:
         batcher.close()
     # The short job joined the long one's rows, and left them first.
     both = [step for step in Counting.steps if len(step) > 1]
-    assert 1 <= len(both) <= 3 and len(Counting.steps) == 40
+    assert 1 <= len(both) <= 3 and len(Counting.steps) == 200
     assert decode.calls == [(Options(4), [[7]])]
-    assert batcher.stats.jobs == 3 and batcher.stats.steps == 40 and batcher.stats.streaming == 0
+    assert batcher.stats.jobs == 3 and batcher.stats.steps == 200 and batcher.stats.streaming == 0
 
 
 def test_without_a_stream_the_jobs_it_would_take_are_batched():
