@@ -38,12 +38,16 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
+# How every log line reads, on stderr and in train.log.
+LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
 def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> logging.Handler | None:
     """Log to stderr, and also to ``log_file`` when given; returns that file's handler
     (remove it with ``logging.getLogger().removeHandler`` when the run ends)."""
     root = logging.getLogger()
     root.setLevel(level)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    fmt = LOG_FORMAT
     if not any(getattr(h, "_transformer_console", False) for h in root.handlers):
         console = logging.StreamHandler()
         console.setFormatter(fmt)

@@ -23,7 +23,7 @@ import torch
 from transformer.config import Config, ConfigError, FinetuneConfig, load_config, save_config, to_dict
 from transformer.data.tokenizers import tokenizer_from_state
 from transformer.model.architecture import EncoderDecoder
-from transformer.runtime import setup_logging
+from transformer.runtime import LOG_FORMAT, setup_logging
 from transformer.tasks import Task, build_task
 from transformer.training.callbacks import EpochLog, MetricsLog, ProgressBar, Validator
 from transformer.training.checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
@@ -161,12 +161,16 @@ def stop_on_signals(trainer: Trainer) -> Iterator[list[int]]:
         trainer.stopping.requested = True
         # The handler runs between two bytecodes of whatever the main thread was doing,
         # perhaps inside a logging handler's write or flush: logging from here would re-enter
-        # that stream ("reentrant call inside BufferedWriter"). One unbuffered write to
-        # stderr's descriptor shares no state with it; train.log names the signal at the stop.
-        notice = (f"{time.strftime('%H:%M:%S')} WARNING {signal.Signals(signum).name}: stopping after this "
-                  "step, with a checkpoint; press Ctrl-C again to stop at once\n")
+        # that stream ("reentrant call inside BufferedWriter"). The line is formatted as a
+        # log line and written unbuffered to stderr's descriptor, which shares no state with
+        # any stream; train.log names the signal at the stop.
+        notice = log.makeRecord(
+            log.name, logging.WARNING, __file__, 0,
+            "%s: stopping after this step, with a checkpoint; press Ctrl-C again to stop at once",
+            (signal.Signals(signum).name,), None,
+        )
         with suppress(OSError):
-            os.write(2, notice.encode())
+            os.write(2, (LOG_FORMAT.format(notice) + "\n").encode())
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
