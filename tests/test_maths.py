@@ -221,18 +221,21 @@ def test_label_smoothing_rejects_invalid_arguments(size, smoothing):
         LabelSmoothing(size, 0, smoothing)
 
 
+@pytest.mark.parametrize("grad_scale", [None, 1.7, 0.5])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("chunk", [3, 4, 100])
-def test_fused_output_loss_equals_kldiv_in_value_and_gradients(eps, chunk):
+def test_fused_output_loss_equals_kldiv_in_value_and_gradients(eps, chunk, grad_scale):
     """output_layer_loss (output layer + loss, chunked, hand-written backward) == the KL form,
-    in value and in the gradients of the states, the weight and the bias."""
+    in value and in the gradients of the states, the weight and the bias; with the gradients
+    made in the forward pass for the factor the backward pass brings (1.7), and for another
+    (0.5: they are rescaled)."""
     torch.manual_seed(0)
     crit = LabelSmoothing(9, 0, eps)
     generator = Generator(5, 9).double()
     hidden = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 2, 3, 4])  # padding included
     params = [hidden, generator.proj.weight, generator.proj.bias]
-    fused = output_layer_loss(crit, hidden, generator, target, chunk=chunk)
+    fused = output_layer_loss(crit, hidden, generator, target, chunk=chunk, grad_scale=grad_scale)
     fused_grads = torch.autograd.grad(1.7 * fused, params)
     kl = nn.KLDivLoss(reduction="sum")(generator(hidden), crit.smoothed_targets(target, torch.float64))
     kl_grads = torch.autograd.grad(1.7 * kl, params)
@@ -240,3 +243,27 @@ def test_fused_output_loss_equals_kldiv_in_value_and_gradients(eps, chunk):
     for a, b in zip(fused_grads, kl_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert fused_grads[0][target == 0].abs().max() == 0  # padding rows get no gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_loss_gradients_made_ahead_equal_the_backward_passes_to_the_bit(dtype):
+    """With ``grad_scale`` equal to the loss's factor (training's 1 / tokens) the gradients
+    made in the forward pass are the backward pass's own, bit for bit, in fp32 and bf16."""
+    torch.manual_seed(0)
+    crit = LabelSmoothing(50, 0, 0.1)
+    generator = Generator(16, 50).to(dtype)
+    hidden = torch.randn(37, 16, dtype=dtype)
+    target = torch.randint(0, 50, (37,))
+    target[:3] = 0  # padding rows too
+    factor = 1 / 37
+    results = []
+    for grad_scale in (None, factor):
+        h = hidden.clone().requires_grad_()
+        generator.zero_grad(set_to_none=True)
+        loss = output_layer_loss(crit, h, generator, target, chunk=8, grad_scale=grad_scale)
+        (loss * factor).backward()
+        results.append((loss.detach(), h.grad, generator.proj.weight.grad, generator.proj.bias.grad))
+    (loss_later, *later), (loss_ahead, *ahead) = results
+    torch.testing.assert_close(loss_ahead, loss_later)
+    for a, b in zip(ahead, later):
+        assert a.dtype == dtype and torch.equal(a, b)

@@ -131,12 +131,15 @@ class Trainer:
         """Micro-batches per optimizer step, over all processes."""
         return self.cfg.accum_steps * self.dist.world_size
 
-    def loss(self, batch: Batch, train: bool = False) -> Tensor:
+    def loss(self, batch: Batch, train: bool = False, grad_scale: float | None = None) -> Tensor:
         """The summed label-smoothed loss of one batch (already on the device).
 
         Args:
             train: run the training forward pass (through DDP and ``torch.compile``
                 when they are on).
+            grad_scale: the loss's factor in what the backward pass differentiates:
+                the output layer then makes its gradients in the forward pass
+                (``transformer.fast.output_loss``).
         """
         net, model = (self.forward, self.net) if train else (self.model, self.model)
         amp = "none" if model is not self.model else self.cfg.amp  # the bf16 copy needs no autocast
@@ -144,7 +147,8 @@ class Trainer:
             out = net(batch.src, batch.tgt_in, batch.src_mask, batch.tgt_mask)  # (B, T, d_model)
             # Only real target positions go through the (large) output layer.
             real = batch.tgt_out != self.criterion.padding_idx
-            return output_layer_loss(self.criterion, out[real], model.generator, batch.tgt_out[real])
+            return output_layer_loss(self.criterion, out[real], model.generator, batch.tgt_out[real],
+                                     grad_scale=grad_scale)
 
     def accumulate(self, group: list[Batch], ntokens: int | None = None) -> tuple[Tensor, int]:
         """Forward and backward over a group of micro-batches, adding to the gradients.
@@ -168,12 +172,15 @@ class Trainer:
             return total, 0
         if self.bf16_copy:
             self.bf16_copy.pull()
+        # fp16's loss scale changes from step to step: its output layer's gradients wait
+        # for the backward pass, so that they are made at that scale.
+        scale = None if self.scaler.is_enabled() else self.dist.world_size / ntokens
         for i, batch in enumerate(group):
             # DDP all-reduces during the backward pass: only once, for the last micro-batch.
             last = i == len(group) - 1
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
-                loss = self.loss(batch.to(self.device, non_blocking=True), train=True)
-                self.scaler.scale(loss * self.dist.world_size / ntokens).backward()
+                loss = self.loss(batch.to(self.device, non_blocking=True), train=True, grad_scale=scale)
+                self.scaler.scale(loss * (self.dist.world_size / ntokens)).backward()
             if self.bf16_copy and self.ddp is not None and last:
                 self.bf16_copy.drop_grads()  # the all-reduce put the sum in the fp32 weights'
             elif self.bf16_copy:
