@@ -32,7 +32,8 @@ def output_layer_loss(crit: LabelSmoothing, hidden: Tensor, generator: Generator
     Args:
         grad_scale: the gradient the backward pass will bring to the loss, if known
             (the loss's factor in the quantity differentiated). Any other gradient still
-            gives the right result, by a rescaling of the gradients made in advance.
+            gives the right result, by a rescaling of the gradients made in advance (in
+            bf16 that adds one rounding, unless the ratio is a power of two).
 
     Shape:
         hidden (N, d_model), target (N,) -> scalar.
