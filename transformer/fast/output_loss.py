@@ -55,7 +55,7 @@ class _SmoothedOutputLoss(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=acc)
         ahead = grad_scale is not None and any(ctx.needs_input_grad[:3])
         if ahead:
-            grads = _Gradients(hidden, weight, acc)
+            grads = _Gradients(hidden, weight)
             # The scale as the backward pass will see it, a float32 number.
             ctx.grad_scale = torch.tensor(grad_scale, dtype=acc, device=hidden.device)
         logits = []
@@ -83,7 +83,7 @@ class _SmoothedOutputLoss(torch.autograd.Function):
             ratio = grad_output / ctx.grad_scale  # exactly 1 when the scale was right
             return *(g * ratio.to(g.dtype) for g in ctx.saved_tensors), None, None, None, None
         hidden, weight, target, *logits = ctx.saved_tensors
-        grads = _Gradients(hidden, weight, torch.promote_types(hidden.dtype, torch.float32))
+        grads = _Gradients(hidden, weight)
         w = weight.to(hidden.dtype)
         for i, z in enumerate(logits):
             rows = slice(i * ctx.chunk, i * ctx.chunk + z.size(0))
@@ -106,19 +106,17 @@ def _softmax_and_loss(crit: LabelSmoothing, z: Tensor, target: Tensor) -> tuple[
     lse = top - probs.amax(dim=1).log()
     z_target = zf.gather(1, target.unsqueeze(1)).squeeze(1)
     z_others = zf.sum(dim=1) - z_target - zf[:, crit.padding_idx]
-    lp_target, lp_others = z_target - lse, z_others - (crit.size - 2) * lse
-    cross_entropy = -(crit.confidence * lp_target + crit.other * lp_others)
-    return probs, torch.where(target != crit.padding_idx, cross_entropy + crit.entropy_term, 0.0).sum()
+    return probs, crit.from_sums(z_target - lse, z_others - (crit.size - 2) * lse, target)
 
 
 class _Gradients:
     """The gradients of the states, the weight and the bias, added up chunk by chunk."""
 
-    def __init__(self, hidden: Tensor, weight: Tensor, acc: torch.dtype):
-        self.acc, self.weight_dtype = acc, weight.dtype
+    def __init__(self, hidden: Tensor, weight: Tensor):
+        self.acc, self.weight_dtype = torch.promote_types(hidden.dtype, torch.float32), weight.dtype
         self.hidden = torch.empty_like(hidden)
-        self.weight = torch.zeros_like(weight, dtype=acc)
-        self.bias = torch.zeros(weight.size(0), dtype=acc, device=weight.device)
+        self.weight = torch.zeros_like(weight, dtype=self.acc)
+        self.bias = torch.zeros(weight.size(0), dtype=self.acc, device=weight.device)
 
     def add(self, rows: slice, probs: Tensor, crit: LabelSmoothing, target: Tensor, scale: Tensor,
             hidden: Tensor, w: Tensor) -> None:

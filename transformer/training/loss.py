@@ -50,5 +50,10 @@ class LabelSmoothing(nn.Module):
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # never sum in half precision
         lp_target = x.gather(1, target.unsqueeze(1)).squeeze(1)
         lp_other = x.sum(dim=1) - lp_target - x[:, self.padding_idx]
+        return self.from_sums(lp_target, lp_other, target)
+
+    def from_sums(self, lp_target: Tensor, lp_other: Tensor, target: Tensor) -> Tensor:
+        """The loss from each row's log-probability of the target and sum of the others'
+        (padding's left out), each of shape (N,)."""
         cross_entropy = -(self.confidence * lp_target + self.other * lp_other)
         return torch.where(target != self.padding_idx, cross_entropy + self.entropy_term, 0.0).sum()

@@ -174,13 +174,14 @@ class Trainer:
             self.bf16_copy.pull()
         # fp16's loss scale changes from step to step: its output layer's gradients wait
         # for the backward pass, so that they are made at that scale.
-        scale = None if self.scaler.is_enabled() else self.dist.world_size / ntokens
+        factor = self.dist.world_size / ntokens
+        grad_scale = None if self.scaler.is_enabled() else factor
         for i, batch in enumerate(group):
             # DDP all-reduces during the backward pass: only once, for the last micro-batch.
             last = i == len(group) - 1
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
-                loss = self.loss(batch.to(self.device, non_blocking=True), train=True, grad_scale=scale)
-                self.scaler.scale(loss * (self.dist.world_size / ntokens)).backward()
+                loss = self.loss(batch.to(self.device, non_blocking=True), train=True, grad_scale=grad_scale)
+                self.scaler.scale(loss * factor).backward()
             if self.bf16_copy and self.ddp is not None and last:
                 self.bf16_copy.drop_grads()  # the all-reduce put the sum in the fp32 weights'
             elif self.bf16_copy:
