@@ -1,16 +1,18 @@
 """Where a training step spends its time on this machine, by kind of op and op by op.
 
-    python benchmarks/step_profile.py [--data-dir data/multi30k] [--steps 4] [--top 25]
+    python benchmarks/step_profile.py [--data-dir data/multi30k] [--steps 4] [--top 25] [--warmup 3]
     python benchmarks/step_profile.py --set train.amp=none      # any --set of train.py
     python benchmarks/step_profile.py --config configs/copy.yaml --set model.N=1 ...
 
 It trains the config's model (default: configs/multi30k.yaml, as train.py would, with its
-train.amp) on the first batches of its training data, after WARMUP steps and one step of
+train.amp) on the first batches of its training data, after --warmup steps and one step of
 each timed batch, and prints:
   1. the machine (benchmarks/machine.py: CPU model, features, matmul peaks);
   2. target tokens/s and ms a step over --steps steps run without the profiler (it slows
      small ops down), the model FLOPs per target token with their share of the peak, and
-     the page faults a step (fresh pages touched, many while the heap still grows);
+     the page faults a step (fresh pages touched, many while the heap still grows: a run's
+     steps meet several times fewer after a few hundred steps, --warmup 250 measures there,
+     docs/performance.md);
   3. torch.profiler's self time of the same batches again, by kind of op: matrix
      products, softmax and exp, dtype casts and copies, random numbers, layer norms, the
      optimizer, the other ops (elementwise and reductions); and the step's wall time no
@@ -26,9 +28,11 @@ Run it on an idle machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -62,6 +66,17 @@ def kind(op: str) -> str:
     return "other ops"
 
 
+def epochs(task) -> Iterator:
+    """The task's training batches epoch after epoch, as a run sees them (none if it has none)."""
+    for epoch in itertools.count():
+        empty = True
+        for batch in task.train_batches(epoch):
+            empty = False
+            yield batch
+        if empty:
+            return
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "multi30k.yaml"))
@@ -69,9 +84,12 @@ def main() -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--steps", type=int, default=4, help="steps timed, then profiled")
     parser.add_argument("--top", type=int, default=25, help="ops listed one by one")
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="steps trained first, on other batches")
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
 
     from transformer.tasks import build_task
     from transformer.training.checkpoint import build_model
@@ -85,14 +103,10 @@ def main() -> int:
     task = build_task(cfg)
     model = build_model(cfg.model, task.tokenizer)
     trainer = Trainer(model, cfg.train, task.tokenizer.pad_id, torch.device("cpu"))
-    batches = []
-    for batch in task.train_batches(0):
-        batches.append(batch)
-        if len(batches) == WARMUP + args.steps:
-            break
-    if len(batches) < WARMUP + args.steps:
-        sys.exit(f"error: the training data gives {len(batches)} batches, {WARMUP + args.steps} are needed")
-    warmup, timed = batches[:WARMUP], batches[WARMUP:]
+    batches = list(itertools.islice(epochs(task), args.warmup + args.steps))
+    if len(batches) < args.warmup + args.steps:
+        sys.exit(f"error: the training data gives {len(batches)} batches, {args.warmup + args.steps} are needed")
+    warmup, timed = batches[: args.warmup], batches[args.warmup :]
     model.train()
     # The timed batches run once before the clock as well: a batch's first step grows the
     # heap (fresh pages, which cost a lot on some virtual machines) as a long run's first

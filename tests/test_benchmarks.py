@@ -54,10 +54,22 @@ def test_copy_benchmark_and_gradient_error_run_on_a_tiny_model(tiny_run):
 
 
 def test_step_profile_runs_on_a_tiny_model():
-    result = run_cli("benchmarks/step_profile.py", "--config", "configs/copy.yaml", *TINY, "--steps", "1", "--top", "3")
+    """With more warm-up steps than an epoch has (the copy task's 20)."""
+    result = run_cli("benchmarks/step_profile.py", "--config", "configs/copy.yaml", *TINY, "--steps", "1", "--top", "3",
+                     "--warmup", "21")
     assert result.returncode == 0, result.stderr
     assert "CPU:" in result.stdout and "matrix products" in result.stdout and "outside ops" in result.stdout
     assert "page faults a step" in result.stdout
+
+
+def test_step_profile_takes_the_batches_epoch_after_epoch():
+    step_profile = load_benchmark("step_profile")
+
+    class Task:
+        def train_batches(self, epoch):
+            return [(epoch, 0), (epoch, 1)] if epoch < 3 else []
+
+    assert list(step_profile.epochs(Task())) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
 
 
 def test_the_gpu_checks_set_only_keys_the_configs_take(tmp_path):
