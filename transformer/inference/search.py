@@ -15,7 +15,7 @@ from torch import Tensor
 
 from transformer.config import check_nbest
 from transformer.data.batching import subsequent_mask, target_mask
-from transformer.fast.decoding import LogitBuffer, encode_in_pieces, logsumexp_rows
+from transformer.fast.decoding import LogitBuffer, argmax_rows, encode_in_pieces, logsumexp_rows
 from transformer.model.architecture import EncoderDecoder
 
 
@@ -83,7 +83,7 @@ def greedy_decode(model: EncoderDecoder, src: Tensor, src_mask: Tensor, max_len:
         logits = steps.logits(ys)
         logits[:, pad] = -torch.inf  # padding is never a word
         next_word = torch.full_like(ys[:, 0], pad)
-        next_word[steps.rows] = logits.argmax(dim=-1).masked_fill(done[steps.rows], pad)
+        next_word[steps.rows] = argmax_rows(logits).masked_fill(done[steps.rows], pad)
         ys = torch.cat([ys, next_word.unsqueeze(1)], dim=1)
         done |= (limits <= step) | (next_word == (-1 if end_symbol is None else end_symbol))  # -1: no word ends
         if done.all():

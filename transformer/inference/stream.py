@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable, Sequence
 import torch
 
 from transformer.data.batching import pad_sequences, padding_mask
-from transformer.fast.decoding import encode_in_pieces
+from transformer.fast.decoding import argmax_rows, encode_in_pieces
 from transformer.inference.search import Hypothesis
 from transformer.model.architecture import EncoderDecoder
 
@@ -75,7 +75,7 @@ class GreedyStream:
         logits = self.model.logits(out[:, -1])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         logits[:, self.pad] = -torch.inf  # padding is never a word
-        words = logits.argmax(dim=-1)
+        words = argmax_rows(logits)
         keep = []
         for row, word in enumerate(words.tolist()):
             generated = self._words[row]
