@@ -15,7 +15,7 @@ from torch import Tensor
 
 from transformer.config import check_nbest
 from transformer.data.batching import subsequent_mask, target_mask
-from transformer.fast.decoding import LogitBuffer, argmax_rows, encode_in_pieces, logsumexp_rows
+from transformer.fast.decoding import LogitBuffer, argmax_rows, encode_in_pieces, logsumexp_rows, topk_rows
 from transformer.model.architecture import EncoderDecoder
 
 
@@ -203,7 +203,7 @@ def beam_search(
         logits[:, pad] = -torch.inf  # padding is never a word
         b, vocab = len(active), logits.size(-1)
         width = min(2 * k, vocab)
-        row_logits, row_word = logits.topk(width, dim=1)  # (b*k, width)
+        row_logits, row_word = topk_rows(logits, width)  # (b*k, width)
         row_log_probs = row_logits - log_norm
         scores = scores.to(row_log_probs.dtype)
         candidates = (scores.unsqueeze(-1) + row_log_probs.view(b, k, width)).view(b, k * width)
