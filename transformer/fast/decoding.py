@@ -1,7 +1,8 @@
 """Decoding on the CPU with less padding and less fresh memory.
 
 Each gives what the plain call gives (``model.encode``, ``model.logits``,
-``logsumexp``, ``argmax``) at every position that matters; tests compare them.
+``logsumexp``, ``argmax``, ``topk``'s values) at every position that matters; tests
+compare them.
 """
 
 from __future__ import annotations
@@ -117,7 +118,6 @@ def argmax_rows(x: Tensor, block: int = 128) -> Tensor:
     return cols.gather(1, x.gather(1, cols).argmax(1, keepdim=True)).squeeze(1)
 
 
-
 def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``x.topk(k, dim=1)``: each row's ``k`` largest values, largest first, and their columns.
 
@@ -126,7 +126,8 @@ def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     maxima and then over those k blocks' columns, not the whole row (on the CPU, rows of
     8,000 cost it about 1.7 ns a column). The values are ``topk``'s; among equal values
     the columns may be others (``topk`` does not say which it returns either). Rows
-    that no block size of 16 to 128 columns divides take ``topk`` itself.
+    that no block of 16 to 128 columns divides, or too short for k of them to save
+    work, take ``topk`` itself.
 
     Shape: (R, V) -> (R, k), (R, k).
     """
