@@ -132,7 +132,7 @@ def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     Shape: (R, V) -> (R, k), (R, k).
     """
     rows, n = x.shape
-    # Blocks of a power of two columns: torch's amax over other widths was 2-4x slower.
+    # 32 or 64 columns first: torch's amax over blocks of 50, 125 or 250 was 2-3x slower here.
     block = next((b for b in (32, 64, 16, 128) if n % b == 0 and 4 * k * b <= n), None)
     if x.device.type != "cpu" or block is None:
         return x.topk(k, dim=1)
