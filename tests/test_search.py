@@ -15,10 +15,10 @@ from torch import nn
 from transformer.config import DecodeConfig
 from transformer.data.batching import padding_mask
 from transformer.fast.decoding import LogitBuffer, encode_in_pieces, logsumexp_rows
-from transformer.fast.packed import PackedLinear, can_pack
+from transformer.fast.packed import PackedFeedForward, PackedLinear, can_pack, packed_copy
 from transformer.inference.search import beam_search, greedy_decode, length_penalty, rescore
 from transformer.inference.translator import Translator
-from transformer.model import make_model
+from transformer.model import PositionwiseFeedForward, make_model
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -384,6 +384,35 @@ def test_a_packed_linear_computes_what_the_linear_computes(dtype, bias):
 
 
 @needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_feed_forward_computes_what_the_feed_forward_computes(dtype):
+    """W₁'s product with the ReLU in it equals the article's module in eval mode; while
+    training with dropout it is the article's module, random numbers included."""
+    torch.manual_seed(0)
+    ff = PositionwiseFeedForward(32, 96, dropout=0.5).to(dtype)
+    wrapper = nn.Sequential(ff)
+    packed = packed_copy(wrapper)[0]
+    assert type(packed) is PackedFeedForward and isinstance(packed.w_1, PackedLinear)
+    assert dict(packed.named_parameters()).keys() == dict(ff.named_parameters()).keys()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    x = torch.randn(3, 7, 32, dtype=dtype)
+    with torch.inference_mode():
+        ff.eval(), packed.eval()
+        out = packed(x)
+        torch.testing.assert_close(out, ff(x), rtol=tolerance, atol=tolerance)
+        assert not torch.equal(out, ff.w_2(ff.w_1(x)))  # the ReLU is there
+        # A dtype oneDNN does not take: the module as it is.
+        as_double = copy.deepcopy(packed).double()
+        assert as_double.w_1.packed is None
+        torch.testing.assert_close(as_double(x.double()), copy.deepcopy(ff).double()(x.double()))
+    ff.train(), packed.train()
+    torch.manual_seed(1)
+    a = ff(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(packed(x), a, rtol=tolerance, atol=tolerance)
+
+
+@needs_packing
 @pytest.mark.parametrize("beam_size", [1, 4])
 def test_a_packed_translator_decodes_what_the_plain_one_decodes(beam_size):
     """The default Translator decodes a packed copy (in float32); the outputs, scores
@@ -393,7 +422,8 @@ def test_a_packed_translator_decodes_what_the_plain_one_decodes(beam_size):
     packed = Translator(m, Letters(), cfg, torch.device("cpu"))
     plain = Translator(m, Letters(), cfg, torch.device("cpu"), packed=False)
     assert any(isinstance(x, PackedLinear) for x in packed.model.modules())
-    assert not any(isinstance(x, PackedLinear) for x in m.modules()) and plain.model is m
+    assert any(isinstance(x, PackedFeedForward) for x in packed.model.modules())
+    assert not any(isinstance(x, (PackedLinear, PackedFeedForward)) for x in m.modules()) and plain.model is m
     sources = packed.encode(SENTENCES)
     a, b = packed.search(sources), plain.search(sources)
     assert [[h.tokens for h in hs] for hs in a] == [[h.tokens for h in hs] for hs in b]

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer.model.architecture import PositionwiseFeedForward
+
 
 def can_pack(model: nn.Module) -> bool:
     """Whether this torch has the kernels and ``model``'s weights suit them (on the CPU,
@@ -58,9 +60,18 @@ class PackedLinear(nn.Module):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None) if _packable(w) else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.packed is None or x.dtype != self.weight.dtype:
+        if not self.takes(x):
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def takes(self, x: Tensor) -> bool:
+        """Whether the packed weight computes the product with ``x``."""
+        return self.packed is not None and x.dtype == self.weight.dtype
+
+    def relu(self, x: Tensor) -> Tensor:
+        """``F.relu(self(x))`` in one oneDNN call, which applies the ReLU to each block of
+        the output as it is computed; for ``x`` that ``takes`` accepts."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "relu", [], "")
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -83,9 +94,31 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class PackedFeedForward(PositionwiseFeedForward):
+    """``PositionwiseFeedForward`` on ``PackedLinear`` layers, its ReLU computed by W₁'s
+    product (without dropout, i.e. in eval mode or with p = 0).
+
+    The separate ReLU would read and write the (rows, d_ff) activations once more, into
+    fresh memory: fused, decoding was 3-7% faster (docs/performance.md). The children
+    are the original module's, under the same names.
+    """
+
+    def __init__(self, ff: PositionwiseFeedForward):
+        nn.Module.__init__(self)
+        self.w_1, self.w_2, self.dropout = ff.w_1, ff.w_2, ff.dropout
+        self.train(ff.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w_1 = self.w_1
+        if (self.training and self.dropout.p > 0) or not isinstance(w_1, PackedLinear) or not w_1.takes(x):
+            return super().forward(x)
+        return self.w_2(w_1.relu(x))
+
+
 def packed_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose ``nn.Linear`` layers are ``PackedLinear``; ``model``
-    itself when it has none left to pack."""
+    """A copy of ``model`` whose ``nn.Linear`` layers are ``PackedLinear`` (and whose
+    feed-forward layers are ``PackedFeedForward``); ``model`` itself when it has no
+    linear layer left to pack."""
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         return model
     model = copy.deepcopy(model)
@@ -93,4 +126,8 @@ def packed_copy(model: nn.Module) -> nn.Module:
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, PackedLinear(child))
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is PositionwiseFeedForward:
+                setattr(module, name, PackedFeedForward(child))
     return model
