@@ -44,34 +44,65 @@ def sync(device: torch.device) -> None:
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", n: int = 2048, repeats: int = 10,
-                budget_s: float = 3.0) -> tuple[float, int]:
-    """The best GFLOP/s of an n x n x n product over up to ``repeats`` tries, and the n used.
+                budget_s: float = 3.0) -> tuple[float, int, str]:
+    """The best GFLOP/s of an n x n x n product over up to ``repeats`` tries, the n used,
+    and the kernel that reached it.
 
-    The tries stop once they have taken ``budget_s`` seconds (after two at least). Where one
-    product of size n would take longer than that (bf16 on a CPU without AVX-512 BF16 or
-    AMX is emulated at a few GFLOP/s: minutes for 2048), the product shrinks until it fits,
-    so that the figure costs seconds wherever it is taken.
+    On the CPU two kernels are tried: torch's product (``a @ b``: MKL in fp32, oneDNN in
+    bf16) and oneDNN's inner product on a weight laid out for it, the kernel our decoding
+    uses (``transformer.fast.packed``). Either may be the faster: on an AMD EPYC MKL's
+    fp32 product ran at 101-106 GFLOP/s a core and oneDNN's at 240 (docs/performance.md),
+    so ``a @ b`` alone would halve the machine's fp32 peak. The tries of each stop once
+    they have taken ``budget_s`` seconds (after two at least). Where one product of size n
+    would take longer than that (bf16 on a CPU without AVX-512 BF16 or AMX is emulated at
+    a few GFLOP/s: minutes for 2048), the product shrinks until it fits, so that the
+    figure costs seconds wherever it is taken.
     """
     device = torch.device(device)
 
-    def seconds(a: torch.Tensor, b: torch.Tensor) -> float:
+    def seconds(product, a: torch.Tensor, b: torch.Tensor) -> float:
         sync(device)
         start = time.perf_counter()
-        a @ b
+        product(a, b)
         sync(device)
         return time.perf_counter() - start
 
+    def torch_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b
+
     probe = torch.randn(256, 256, device=device, dtype=dtype)
-    seconds(probe, probe)  # the first call pays for kernel selection
-    per_flop = seconds(probe, probe) / 256**3
+    seconds(torch_product, probe, probe)  # the first call pays for kernel selection
+    per_flop = seconds(torch_product, probe, probe) / 256**3
     while n > 256 and per_flop * n**3 > budget_s / 2:
         n //= 2
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    times: list[float] = []
-    while len(times) < repeats and (len(times) < 2 or sum(times) < budget_s):
-        times.append(seconds(a, b))
-    return 2 * n**3 / min(times) / 1e9, n
+    kernels = {"torch": (torch_product, b)}
+    packed = _onednn_packed(b)
+    if packed is not None:
+        kernels["oneDNN"] = (lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), packed)
+    best: tuple[float, str] = (0.0, "torch")
+    for name, (product, weight) in kernels.items():
+        product(a, weight)
+        times: list[float] = []
+        while len(times) < repeats and (len(times) < 2 or sum(times) < budget_s):
+            times.append(seconds(product, a, weight))
+        best = max(best, (2 * n**3 / min(times) / 1e9, name))
+    return best[0], n, best[1]
+
+
+def _onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` laid out for oneDNN's inner product (on the CPU, fp32 or bf16), or None
+    where this torch or this dtype has no such kernel."""
+    ops = torch.ops.mkldnn
+    if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
+            or not torch.backends.mkldnn.is_available() or not hasattr(ops, "_reorder_linear_weight")
+            or not hasattr(ops, "_linear_pointwise")):
+        return None
+    try:
+        return ops._reorder_linear_weight(weight, None)
+    except RuntimeError:  # a CPU oneDNN has no kernel for in this dtype
+        return None
 
 
 def describe(device: torch.device | str = "cpu", peaks: bool = True) -> dict[str, float]:
@@ -89,7 +120,7 @@ def describe(device: torch.device | str = "cpu", peaks: bool = True) -> dict[str
         print(f"device: {torch.cuda.get_device_name(device)}")
     if not peaks:
         return {}
-    (fp32, n32), (bf16, n16) = matmul_peak(torch.float32, device), matmul_peak(torch.bfloat16, device)
-    print(f"matmul peak: fp32 {fp32:.3g} GFLOP/s ({n32}^3), bf16 {bf16:.3g} GFLOP/s ({n16}^3) "
+    (fp32, n32, k32), (bf16, n16, k16) = matmul_peak(torch.float32, device), matmul_peak(torch.bfloat16, device)
+    print(f"matmul peak: fp32 {fp32:.3g} GFLOP/s ({n32}^3, {k32}), bf16 {bf16:.3g} GFLOP/s ({n16}^3, {k16}) "
           f"(bf16/fp32 {bf16 / fp32:.2g}x)")
     return {"fp32": fp32, "bf16": bf16}
