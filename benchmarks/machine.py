@@ -101,7 +101,7 @@ def _onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
         return None
     try:
         return ops._reorder_linear_weight(weight, None)
-    except RuntimeError:  # a CPU oneDNN has no kernel for in this dtype
+    except RuntimeError:  # a dtype this CPU's oneDNN has no kernel for
         return None
 
 
