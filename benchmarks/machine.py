@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from transformer.fast.packed import PackedLinear, can_pack
 
 
 def cpu_model() -> str:
@@ -60,49 +63,34 @@ def matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", n: int =
     """
     device = torch.device(device)
 
-    def seconds(product, a: torch.Tensor, b: torch.Tensor) -> float:
+    def seconds(product) -> float:
         sync(device)
         start = time.perf_counter()
-        product(a, b)
+        product()
         sync(device)
         return time.perf_counter() - start
 
-    def torch_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a @ b
-
     probe = torch.randn(256, 256, device=device, dtype=dtype)
-    seconds(torch_product, probe, probe)  # the first call pays for kernel selection
-    per_flop = seconds(torch_product, probe, probe) / 256**3
+    seconds(lambda: probe @ probe)  # the first call pays for kernel selection
+    per_flop = seconds(lambda: probe @ probe) / 256**3
     while n > 256 and per_flop * n**3 > budget_s / 2:
         n //= 2
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    kernels = {"torch": (torch_product, b)}
-    packed = _onednn_packed(b)
-    if packed is not None:
-        kernels["oneDNN"] = (lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), packed)
+    linear = nn.Linear(n, n, bias=False, device="meta")
+    linear.weight = nn.Parameter(b, requires_grad=False)
+    kernels = {"torch": lambda: a @ b}
+    if can_pack(linear):
+        packed = PackedLinear(linear)  # a @ bᵀ: the same n x n x n product
+        kernels["oneDNN"] = lambda: packed(a)
     best: tuple[float, str] = (0.0, "torch")
-    for name, (product, weight) in kernels.items():
-        product(a, weight)
+    for name, product in kernels.items():
+        product()
         times: list[float] = []
         while len(times) < repeats and (len(times) < 2 or sum(times) < budget_s):
-            times.append(seconds(product, a, weight))
+            times.append(seconds(product))
         best = max(best, (2 * n**3 / min(times) / 1e9, name))
     return best[0], n, best[1]
-
-
-def _onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
-    """``weight`` laid out for oneDNN's inner product (on the CPU, fp32 or bf16), or None
-    where this torch or this dtype has no such kernel."""
-    ops = torch.ops.mkldnn
-    if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
-            or not torch.backends.mkldnn.is_available() or not hasattr(ops, "_reorder_linear_weight")
-            or not hasattr(ops, "_linear_pointwise")):
-        return None
-    try:
-        return ops._reorder_linear_weight(weight, None)
-    except RuntimeError:  # a dtype this CPU's oneDNN has no kernel for
-        return None
 
 
 def describe(device: torch.device | str = "cpu", peaks: bool = True) -> dict[str, float]:
