@@ -77,6 +77,8 @@ def main() -> int:
     parser.add_argument("--dtypes", default="fp32,bf16", help="weight types for the batched decoders, comma-separated")
     parser.add_argument("--batch-size", type=int, default=None, help="sentences per batch (default: the checkpoint's)")
     parser.add_argument("--batch-tokens", type=int, default=None, help="source tokens per batch (default: the checkpoint's)")
+    parser.add_argument("--batch-hypotheses", type=int, default=None,
+                        help="beam search's hypotheses per batch (default: the checkpoint's, 640 on a CPU)")
     parser.add_argument("--workers", type=int, default=None, help="batches decoded at once (default: translate.py's)")
     parser.add_argument("--unpacked", action="store_true",
                         help="also decode with the linear layers unpacked (nn.Linear's product), for comparison")
@@ -95,7 +97,8 @@ def main() -> int:
     src = read_lines(data / "test_2016_flickr.de.gz")[: args.limit]
     ref = read_lines(data / "test_2016_flickr.en.gz")[: args.limit]
     sizes = {k: v for k, v in (("batch_size", args.batch_size), ("batch_tokens", args.batch_tokens),
-                               ("workers", args.workers)) if v is not None}
+                               ("batch_hypotheses", args.batch_hypotheses), ("workers", args.workers))
+             if v is not None}
     base = Translator.from_checkpoint(args.checkpoint, device=args.device, packed=False, **sizes)
     sources = base.encode(src)
     alpha = base.cfg.length_penalty if args.length_penalty is None else args.length_penalty
@@ -144,7 +147,7 @@ def main() -> int:
             how = f"{t.workers} worker(s), {cfg.dtype or 'fp32'}{', packed' if packed else ''}"
         print(f"{name:<34} {seconds:8.1f} {len(src) / seconds:8.1f} {generated / seconds:8.0f} "
               f"{reference_seconds / seconds:8.1f}x {bleu:6.2f}  "
-              f"{decoding_name(cfg)}, batch {cfg.batch_size} sentences / {cfg.batch_tokens} tokens, {how}; "
+              f"{decoding_name(cfg)}, batch {t._batch_sentences()} sentences / {cfg.batch_tokens} tokens, {how}; "
               + ("parts " if n == 0 else "passes ")
               + ", ".join(f"{p[0]:.2f}" for p in passes[name]) + " s")
     first = results[setups[0][0]]
@@ -165,7 +168,10 @@ def main() -> int:
             continue
         fastest = min((n for n, _, t in translators[1:] if getattr(t, "engine", "torch") == "torch"
                        and (("greedy" in n) == (kind == "greedy"))), key=times.get)
-        print(f"{kind}: {mine} takes {times[mine] / times[engine]:.2f}x the time of {engine}; "
+        patient = f"{engine}, patience 2"
+        closer = (f" ({times[mine] / times[patient]:.2f}x that of {patient}, whose search is closer to ours)"
+                  if patient in times else "")
+        print(f"{kind}: {mine} takes {times[mine] / times[engine]:.2f}x the time of {engine}{closer}; "
               f"our fastest ({fastest}) {times[fastest] / times[engine]:.2f}x")
     scratch.cleanup()
     return 0

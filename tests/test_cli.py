@@ -124,6 +124,8 @@ def test_translate_flag_errors(tiny_run):
     assert result.returncode == 2 and "--batch-tokens" in result.stderr
     result = run_cli("translate.py", "--checkpoint", ckpt, "--workers", "0", "1 2")
     assert result.returncode == 2 and "--workers must be at least 1" in result.stderr
+    result = run_cli("translate.py", "--checkpoint", ckpt, "--batch-hypotheses", "0", "1 2")
+    assert result.returncode == 2 and "--batch-hypotheses must be at least 1" in result.stderr
     result = run_cli("translate.py", "--checkpoint", ckpt, "--device", "cpu", "--dtype", "fp16", "1 2")
     assert result.returncode == 2 and "fp16 needs a CUDA device" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("translate.py", "--checkpoint", ckpt, "--device", "tpu", "1 2")

@@ -238,6 +238,32 @@ def test_translator_batches_respect_both_budgets():
         assert len(b) == 1 or len(b) * max(len(sources[i]) for i in b) <= 10
 
 
+@pytest.mark.parametrize("beam_size, hypotheses, most", [(1, 4, 5), (4, 8, 2), (4, 3, 1), (4, None, 5)])
+def test_beam_batches_respect_the_hypotheses_budget(beam_size, hypotheses, most):
+    """With beam search a batch holds at most batch_hypotheses // beam_size sentences
+    (one at least); greedy decoding ignores the budget, and on the CPU its default
+    (640) leaves small batches as batch_size makes them."""
+    t = translator(beam_size=beam_size, batch_size=5, batch_hypotheses=hypotheses)
+    sources = t.encode(SENTENCES * 2)
+    batches = list(t._batches(sources))
+    assert sorted(i for b in batches for i in b) == [i for i, s in enumerate(sources) if s]
+    assert max(len(b) for b in batches) == most
+
+
+def test_beam_search_outputs_do_not_depend_on_the_hypotheses_budget():
+    """Smaller beam batches change where sentences are decoded, not what is found."""
+    found, batches = [], []
+    for hypotheses in (None, 4):
+        t = translator(beam_size=4, length_penalty=0.6, batch_hypotheses=hypotheses)
+        sources = t.encode(SENTENCES * 2)
+        batches.append(len(list(t._batches(sources))))
+        found.append(t.search(sources, nbest=2))
+    assert batches == [1, 12]  # all 12 non-empty sentences at once, then one at a time
+    for one, other in zip(*found):
+        assert [(h.tokens, h.length) for h in one] == [(h.tokens, h.length) for h in other]
+        assert [h.score for h in other] == pytest.approx([h.score for h in one], rel=1e-5, nan_ok=True)
+
+
 def test_translator_cuts_over_long_lines_with_a_warning(caplog):
     t = translator(beam_size=3)
     with caplog.at_level(logging.WARNING):

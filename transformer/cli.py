@@ -172,6 +172,10 @@ def translate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nbest", type=int, default=1, help=f"print N hypotheses per line as {NBEST_FORMAT}")
     parser.add_argument("--batch-size", type=int, help="sentences decoded together, at most")
     parser.add_argument("--batch-tokens", type=int, help="source tokens decoded together, at most")
+    parser.add_argument(
+        "--batch-hypotheses", type=int,
+        help="with beam search, hypotheses (sentences x beam size) decoded together, at most (default: 640 on a CPU)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--workers", type=int,
@@ -192,7 +196,7 @@ def translate_main(argv: list[str] | None = None) -> int:
         help="write the attention maps of each sentence to DIR as LINE-{encoder,decoder_self,encoder_decoder}.png",
     )
     args = parser.parse_args(argv)
-    for flag in ("beam_size", "nbest", "batch_size", "batch_tokens", "workers"):
+    for flag in ("beam_size", "nbest", "batch_size", "batch_tokens", "batch_hypotheses", "workers"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -225,7 +229,7 @@ def translate_main(argv: list[str] | None = None) -> int:
     setup_logging()
     keep_freed_memory(one_arena=True)  # decoding worker threads share the main arena
     overrides = {"cache": not args.no_cache}
-    for flag in ("beam_size", "length_penalty", "batch_size", "batch_tokens", "dtype", "workers"):
+    for flag in ("beam_size", "length_penalty", "batch_size", "batch_tokens", "batch_hypotheses", "dtype", "workers"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     if args.max_len is not None:

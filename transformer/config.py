@@ -131,6 +131,7 @@ class DecodeConfig:
     max_len_b: int = 10
     batch_size: int = 256  # sentences decoded together, at most
     batch_tokens: int = 8192  # source tokens (padding included) decoded together, at most
+    batch_hypotheses: int | None = None  # beam: sentences x beam_size at once, at most; None: 640 on a CPU, else any
     cache: bool = True  # False: recompute the whole prefix at every step, as the reference
     # Weights and activations while decoding; None keeps the model's own (float32 after
     # training). bf16 is faster on a CPU with bf16 matmul units; fp16 needs CUDA.
@@ -254,7 +255,8 @@ def _check(cfg: Config) -> None:
         "data.batch_tokens": cfg.data.batch_tokens,
     }
     optional = {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every, "train.patience": t.patience,
-                "train.max_minutes": t.max_minutes, "decode.workers": cfg.decode.workers}
+                "train.max_minutes": t.max_minutes, "decode.workers": cfg.decode.workers,
+                "decode.batch_hypotheses": cfg.decode.batch_hypotheses}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {value}")

@@ -59,14 +59,32 @@ class SentenceTranslator:
         cap = self.max_positions - 1  # the start symbol takes one position
         return [max(1, min(cap, int(self.cfg.max_len_a * n + self.cfg.max_len_b))) for n in lengths]
 
+    def _batch_sentences(self) -> int:
+        """Sentences in a batch, at most: ``batch_size``, and with beam search no more
+        than ``batch_hypotheses`` hypotheses (by default 640 on a CPU, no limit elsewhere).
+
+        On a CPU two workers decode beam search 4-20% faster with 128 sentences a batch
+        than with 256 at beam 5, though one worker is no faster: with half the rows, each
+        step's logits and cache (41 MB of logits at 256 x 5 rows) are half the memory
+        traffic, which the two workers share.
+        """
+        cfg = self.cfg
+        hypotheses = cfg.batch_hypotheses
+        if hypotheses is None:
+            hypotheses = 640 if str(getattr(self, "device", "cpu")).split(":")[0] == "cpu" else None
+        if cfg.beam_size == 1 or hypotheses is None:
+            return cfg.batch_size
+        return max(1, min(cfg.batch_size, hypotheses // cfg.beam_size))
+
     def _batches(self, sources: Sequence[list[int]]) -> Iterator[list[int]]:
         """Indices of the non-empty sources, sorted by length and cut into batches of at
-        most ``batch_size`` sentences and ``batch_tokens`` padded source tokens."""
+        most ``_batch_sentences()`` sentences and ``batch_tokens`` padded source tokens."""
         order = sorted((i for i, s in enumerate(sources) if s), key=lambda i: len(sources[i]))
+        most = self._batch_sentences()
         batch: list[int] = []
         for i in order:
             # Sorted by length, so the newest source is the longest of the batch.
-            full = len(batch) == self.cfg.batch_size or (len(batch) + 1) * len(sources[i]) > self.cfg.batch_tokens
+            full = len(batch) == most or (len(batch) + 1) * len(sources[i]) > self.cfg.batch_tokens
             if batch and full:
                 yield batch
                 batch = []
