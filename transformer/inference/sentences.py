@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 class SentenceTranslator:
     """The engine-independent part of a translator.
 
-    A subclass sets ``tokenizer``, ``cfg`` and ``max_positions`` and defines
+    A subclass sets ``tokenizer``, ``cfg``, ``max_positions`` and ``device`` (a
+    ``torch.device`` or a name such as "cpu" or "cuda:1") and defines
     ``search(sources, nbest, scores)``; it may change how an over-long source is cut
     (``_cut``).
     """
@@ -29,6 +30,7 @@ class SentenceTranslator:
     tokenizer: Tokenizer
     cfg: DecodeConfig
     max_positions: int
+    device: Any
 
     def encode(self, sentences: Sequence[str], first_line: int = 1) -> list[list[int]]:
         """Source ids of each sentence, cut (with a warning) to the model's limit; none
@@ -71,7 +73,7 @@ class SentenceTranslator:
         cfg = self.cfg
         hypotheses = cfg.batch_hypotheses
         if hypotheses is None:
-            hypotheses = 640 if str(getattr(self, "device", "cpu")).split(":")[0] == "cpu" else None
+            hypotheses = 640 if str(self.device).split(":")[0] == "cpu" else None
         if cfg.beam_size == 1 or hypotheses is None:
             return cfg.batch_size
         return max(1, min(cfg.batch_size, hypotheses // cfg.beam_size))
