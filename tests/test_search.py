@@ -250,6 +250,17 @@ def test_beam_batches_respect_the_hypotheses_budget(beam_size, hypotheses, most)
     assert max(len(b) for b in batches) == most
 
 
+def test_the_hypotheses_budget_defaults_to_640_on_a_cpu_only():
+    """Beam 4: 160 sentences a batch on a CPU; batch_size alone on a GPU (only the
+    batching is asked for, so no GPU is needed)."""
+    t = translator(beam_size=4, batch_size=300)
+    assert t._batch_sentences() == 160
+    t.device = torch.device("cuda:1")
+    assert t._batch_sentences() == 300
+    t.cfg = DecodeConfig(beam_size=4, batch_size=300, batch_hypotheses=100)
+    assert t._batch_sentences() == 25
+
+
 def test_beam_search_outputs_do_not_depend_on_the_hypotheses_budget():
     """Smaller beam batches change where sentences are decoded, not what is found."""
     found, batches = [], []
