@@ -2,7 +2,8 @@
 
     python benchmarks/translate_speed.py --checkpoint RUN/best.pt [--data-dir data/multi30k]
 
-Decodes test_2016_flickr (1,000 sentences) in one process:
+Decodes test_2016_flickr (1,000 sentences), each decoder in a process of its own, as
+translate.py runs one:
   1. the reference's way: one sentence after another, no cache (the whole prefix is
      run through the decoder at every step), greedy, stopping at </s>;
   2. batched, cached greedy (--workers batches at once, translate.py's default unless
@@ -29,7 +30,11 @@ The run goes in --repeat rounds (default 5). A round decodes one part of the
 sentences (a fifth by default) the reference's way, then all of them once with each
 batched decoder. The reference's time is the sum over its parts (every sentence once);
 a batched decoder's is the median of its passes, every pass's seconds printed too.
-Interleaved so, both sides of each ratio see the same moments of a shared machine.
+Interleaved so, both sides of each ratio see the same moments of a shared machine; a
+decoder's process waits on a pipe, idle, while the others decode. In one process
+together, the translators slowed each other: our fp32 greedy pass took 1.28-1.37 s
+beside our beam and bf16 translators against 0.97 s alone (oneDNN keeps the kernels of
+its last 1,024 product shapes, and the others' evicted ours; malloc's arena is shared).
 With the reference's minute in one piece before all the 2-10 s passes, nine runs had
 given greedy 25x to 37x, the reference's minute moving most (66 s in one run, 81 s in
 another) while the batched passes stayed within a few percent.
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -115,21 +121,31 @@ def main() -> int:
             ]
     describe(args.device)
     print(f"device {args.device}; {len(src)} sentences; {args.checkpoint}")
-    translators = [(name, cfg, Translator(base.model, base.tokenizer, cfg, base.device, packed=packed))
-                   for name, cfg, packed in setups]
     scratch = tempfile.TemporaryDirectory(prefix="translate-speed-")
-    translators += ctranslate2_setups(args, sizes, alpha, Path(scratch.name))
+    specs = [(name, ("torch", args.checkpoint, args.device, cfg, packed)) for name, cfg, packed in setups]
+    specs += ctranslate2_setups(args, sizes, alpha, Path(scratch.name))
+    context = multiprocessing.get_context("spawn")
+    pipes = []
+    for _, spec in specs:
+        mine, theirs = context.Pipe()
+        context.Process(target=decoder_process, args=(theirs, spec, sources), daemon=True).start()
+        theirs.close()  # the child's end: a child that dies then ends our recv with EOFError
+        pipes.append(mine)
+    decoders = [(name, pipe, pipe.recv()) for (name, _), pipe in zip(specs, pipes)]  # with its settings in words
     print(f"{'decoding':<34} {'seconds':>8} {'sent/s':>8} {'tok/s':>8} {'speed-up':>9} {'BLEU':>6}  settings")
     rounds = max(1, args.repeat)
-    passes: dict[str, list[tuple[float, list[list[int]], int]]] = {name: [] for name, _, _ in translators}
+    passes: dict[str, list[tuple[float, list[list[int]], int]]] = {name: [] for name, _, _ in decoders}
     for r in range(rounds):
-        for n, (name, _, t) in enumerate(translators):
+        for n, (name, pipe, _) in enumerate(decoders):
             # Round r decodes part r of the sentences the reference's way (the first
             # setup), and all of them with each of the others.
-            part = sources[r * len(sources) // rounds : (r + 1) * len(sources) // rounds] if n == 0 else sources
-            passes[name].append(timed(t, part))
+            part = (r * len(sources) // rounds, (r + 1) * len(sources) // rounds) if n == 0 else (0, len(sources))
+            pipe.send(part)
+            passes[name].append(pipe.recv())
+    for _, pipe, _ in decoders:
+        pipe.send(None)
     results, times, reference_seconds = {}, {}, 0.0
-    for n, (name, cfg, t) in enumerate(translators):
+    for n, (name, _, how) in enumerate(decoders):
         if n == 0:  # the reference's way: its parts add up to one pass
             parts = passes[name]
             seconds, ids, generated = sum(p[0] for p in parts), [i for p in parts for i in p[1]], sum(p[2] for p in parts)
@@ -137,17 +153,9 @@ def main() -> int:
         else:
             seconds, ids, generated = sorted(passes[name], key=lambda p: p[0])[len(passes[name]) // 2]
         results[name], times[name] = ids, seconds
-        bleu = score([t.detokenize(i) for i in ids], ref).bleu
-        if getattr(t, "engine", "torch") == "ctranslate2":
-            how = (f"{t.workers} worker(s) x {t.threads} thread(s), "
-                   f"{t.compute_type} ({t.meta['quantization']} weights)"
-                   + (f", {t.patience:g} x beam finished" if cfg.beam_size > 1 else ""))
-        else:
-            packed = any(isinstance(m, PackedLinear) for m in t.model.modules())
-            how = f"{t.workers} worker(s), {cfg.dtype or 'fp32'}{', packed' if packed else ''}"
+        bleu = score([base.detokenize(i) for i in ids], ref).bleu
         print(f"{name:<34} {seconds:8.1f} {len(src) / seconds:8.1f} {generated / seconds:8.0f} "
-              f"{reference_seconds / seconds:8.1f}x {bleu:6.2f}  "
-              f"{decoding_name(cfg)}, batch {t._batch_sentences()} sentences / {cfg.batch_tokens} tokens, {how}; "
+              f"{reference_seconds / seconds:8.1f}x {bleu:6.2f}  {how}; "
               + ("parts " if n == 0 else "passes ")
               + ", ".join(f"{p[0]:.2f}" for p in passes[name]) + " s")
     first = results[setups[0][0]]
@@ -157,8 +165,8 @@ def main() -> int:
             print(f"{name} == reference way: {same} of {len(first)} sentences identical")
     ours = {"greedy": f"batched greedy, {args.dtypes.split(',')[0]}",
             "beam": f"batched beam {args.beam_size}, {args.dtypes.split(',')[0]}"}
-    for name, _, t in translators:
-        if getattr(t, "engine", "torch") == "ctranslate2":
+    for name, _, _ in decoders:
+        if name.startswith("ctranslate2"):
             mine = ours["greedy" if "greedy" in name else "beam"]
             same = sum(a == b for a, b in zip(results[mine], results[name]))
             print(f"{name} == {mine}: {same} of {len(first)} sentences identical")
@@ -166,7 +174,7 @@ def main() -> int:
         engine = f"ctranslate2 {'greedy' if kind == 'greedy' else f'beam {args.beam_size}'}, float32"
         if engine not in times:
             continue
-        fastest = min((n for n, _, t in translators[1:] if getattr(t, "engine", "torch") == "torch"
+        fastest = min((n for n, _, _ in decoders[1:] if not n.startswith("ctranslate2")
                        and (("greedy" in n) == (kind == "greedy"))), key=times.get)
         patient = f"{engine}, patience 2"
         closer = (f" ({times[mine] / times[patient]:.2f}x that of {patient}, whose search is closer to ours)"
@@ -177,9 +185,35 @@ def main() -> int:
     return 0
 
 
+def decoder_process(pipe, spec: tuple, sources: list[list[int]]) -> None:
+    """One decoder in a process of its own: it sends its settings in words, then decodes
+    the sentences from ``start`` to ``end`` for each ``(start, end)`` it receives,
+    answering with ``timed``'s figures, until it receives None."""
+    keep_freed_memory(one_arena=True)  # as translate.py does
+    if spec[0] == "torch":
+        _, checkpoint, device, cfg, packed = spec
+        base = Translator.from_checkpoint(checkpoint, device=device, packed=False)
+        t = Translator(base.model, base.tokenizer, cfg, base.device, packed=packed)
+        packed = any(isinstance(m, PackedLinear) for m in t.model.modules())
+        how = f"{t.workers} worker(s), {cfg.dtype or 'fp32'}{', packed' if packed else ''}"
+    else:
+        from transformer.inference.ctranslate2 import CTranslate2Translator
+
+        _, exported, device, workers, sizes, decoding = spec
+        t = CTranslate2Translator.from_directory(exported, device=device, workers=workers, **sizes)
+        t = t.with_decoding(**decoding)
+        cfg = t.cfg
+        how = (f"{t.workers} worker(s) x {t.threads} thread(s), {t.compute_type} ({t.meta['quantization']} weights)"
+               + (f", {t.patience:g} x beam finished" if cfg.beam_size > 1 else ""))
+    pipe.send(f"{decoding_name(cfg)}, batch {t._batch_sentences()} sentences / {cfg.batch_tokens} tokens, {how}")
+    while (part := pipe.recv()) is not None:
+        pipe.send(timed(t, sources[part[0]:part[1]]))
+
+
 def ctranslate2_setups(args, sizes: dict, alpha: float, folder: Path) -> list:
-    """(name, decode config, CTranslate2Translator) for each weight type asked for, greedy
-    and beam; none, with a line saying why, without ctranslate2."""
+    """(name, spec for ``decoder_process``) for each weight type asked for, greedy and
+    beam, the checkpoint exported into ``folder``; none, with a line saying why, without
+    ctranslate2."""
     if args.ctranslate2 == "none":
         return []
     try:
@@ -188,7 +222,6 @@ def ctranslate2_setups(args, sizes: dict, alpha: float, folder: Path) -> list:
         print("no CTranslate2 rows: ctranslate2 is not installed (pip install -e \".[export]\")")
         return []
     from transformer.export.converter import export_checkpoint
-    from transformer.inference.ctranslate2 import CTranslate2Translator
 
     supported = ctranslate2.get_supported_compute_types(args.device)
     if args.ctranslate2 == "auto":
@@ -199,18 +232,17 @@ def ctranslate2_setups(args, sizes: dict, alpha: float, folder: Path) -> list:
     else:
         types = args.ctranslate2.split(",")
     found = []
+    engine_sizes = {k: v for k, v in sizes.items() if k != "workers"}
     for quantization in types:
         exported = export_checkpoint(args.checkpoint, folder / quantization, quantization)
-        engine = CTranslate2Translator.from_directory(exported, device=args.device, workers=args.ct2_workers,
-                                                      **{k: v for k, v in sizes.items() if k != "workers"})
-        greedy = engine.with_decoding(beam_size=1)
-        beam = engine.with_decoding(beam_size=args.beam_size, length_penalty=alpha)
-        found += [(f"ctranslate2 greedy, {quantization}", greedy.cfg, greedy),
-                  (f"ctranslate2 beam {args.beam_size}, {quantization}", beam.cfg, beam)]
+        spec = ("ctranslate2", exported, args.device, args.ct2_workers, engine_sizes)
+        beam = {"beam_size": args.beam_size, "length_penalty": alpha}
+        found += [(f"ctranslate2 greedy, {quantization}", spec + ({"beam_size": 1},)),
+                  (f"ctranslate2 beam {args.beam_size}, {quantization}", spec + (beam,))]
         if quantization == "float32" and alpha != 0:
             # Searching on until beam_size · 2 hypotheses have ended: closer to our search.
-            patient = beam.with_decoding(patience=2)
-            found.append((f"ctranslate2 beam {args.beam_size}, {quantization}, patience 2", patient.cfg, patient))
+            found.append((f"ctranslate2 beam {args.beam_size}, {quantization}, patience 2",
+                          spec + ({**beam, "patience": 2},)))
     return found
 
 
