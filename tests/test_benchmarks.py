@@ -118,3 +118,22 @@ def test_the_matmul_peak_names_the_kernels_it_can_try(dtype):
     gflops, n, kernel = machine.matmul_peak(dtype, n=64, repeats=2, budget_s=0.01)
     assert gflops > 0 and n == 64
     assert kernel in (["torch", "oneDNN"] if packable else ["torch"])
+
+
+def test_translate_speed_runs_each_decoder_in_its_own_process(tiny_run, tmp_path):
+    """Every row decodes all the sentences (the reference's way in parts), and batched
+    greedy decoding finds what the reference's way finds."""
+    import gzip
+
+    run_dir, _ = tiny_run
+    lines = ["3 4 5 6 7", "7 6 5", "4 4 8 9 3 5", "5 6"] * 3
+    for side in ("de", "en"):
+        with gzip.open(tmp_path / f"test_2016_flickr.{side}.gz", "wt", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+    result = run_cli("benchmarks/translate_speed.py", "--checkpoint", str(run_dir / "last.pt"), "--data-dir",
+                     str(tmp_path), "--repeat", "2", "--dtypes", "fp32", "--ctranslate2", "none")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("reference", "batched"))]
+    assert [r.split("  ")[0] for r in rows[:3]] == ["reference (1 sentence, no cache)", "batched greedy, fp32",
+                                                     "batched beam 5, fp32"]
+    assert "batched greedy, fp32 == reference way: 12 of 12 sentences identical" in result.stdout
