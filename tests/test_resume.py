@@ -83,6 +83,8 @@ def test_resume_errors_name_the_problem(tmp_path):
     assert result.returncode == 2 and "last.pt" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("train.py", "--resume", str(run), "--set", "model.d_model=64")
     assert result.returncode == 2 and "'model.d_model' cannot change when resuming" in result.stderr
+    result = run_cli("train.py", "--resume", str(run), "--set", "train.best_metric=loss")
+    assert result.returncode == 2 and "'train.best_metric' cannot change when resuming" in result.stderr
     result = run_cli("train.py", "--resume", str(run), "--config", "configs/copy.yaml")
     assert result.returncode == 2 and "--resume" in result.stderr
 

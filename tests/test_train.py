@@ -283,6 +283,32 @@ def test_validate_every_n_steps_and_early_stop():
     assert validator.seen == [2, 4, 6] and trainer.state.step == 6
 
 
+@pytest.mark.parametrize("metric", ["score", "loss"])
+def test_best_pt_and_patience_follow_train_best_metric(tmp_path, metric):
+    """The score peaks at the second evaluation while the loss keeps falling: best.pt is
+    that step with 'score' and the last with 'loss', and patience counts the same way."""
+    from types import SimpleNamespace
+
+    from transformer.config import Config
+    from transformer.tasks import Score
+    from transformer.training.callbacks import MetricsLog, Validator
+    from transformer.training.checkpoint import load_checkpoint
+
+    losses, scores = iter([3.0, 2.0, 1.0]), iter([1.0, 3.0, 2.0])
+    task = SimpleNamespace(tokenizer=SimpleNamespace(pad_id=0, state_dict=lambda: {}), valid_batches=lambda: [],
+                           score=lambda translator, loss: Score(next(scores)))
+    trainer = Trainer(tiny_model(), TrainConfig(), 0, torch.device("cpu"))
+    trainer.evaluate = lambda batches: next(losses)
+    cfg = Config(train=TrainConfig(best_metric=metric, patience=1))
+    validator = Validator(cfg, task, tmp_path, MetricsLog(tmp_path / "metrics.jsonl"), torch.device("cpu"))
+    stops = []
+    for step in (2, 4, 6):
+        trainer.state.step = step
+        stops.append(validator(trainer))
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == (4 if metric == "score" else 6)
+    assert stops == ([False, False, True] if metric == "score" else [False, False, False])
+
+
 def test_run_dir_with_checkpoints_is_never_reused(tmp_path):
     from transformer.config import Config, TrainConfig
     from transformer.training.run import new_run_dir

@@ -21,7 +21,7 @@ def _fail(message: str) -> int:
 
 # What may change when a run is resumed: how long and how it goes on, not what it is.
 RESUMABLE = ("train.", "decode.", "data.dir", "data.workers", "data.prepared", "data.prepare_workers")
-FIXED_ON_RESUME = ("train.seed", "train.run_dir", "train.runs_root")
+FIXED_ON_RESUME = ("train.seed", "train.run_dir", "train.runs_root", "train.best_metric")
 
 
 def _config_arguments(parser: argparse.ArgumentParser, example: str) -> None:

@@ -94,24 +94,24 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps
     max_minutes: float | None = None  # stop after this much training time (wall clock)
     accum_steps: int = 1  # micro-batches per optimizer step (gradients are token-averaged)
-    # torch.compile the training forward pass, with dynamic shapes (one compilation for
-    # every batch shape). Off: on the 2-core CPUs it is slower than eager
-    # (docs/performance.md); it is there for GPUs.
+    # torch.compile the training forward pass, with dynamic shapes (one compilation for every
+    # batch shape). Off: on the 2-core CPUs it is slower than eager (docs/performance.md).
     compile: bool = False
     clip_grad_norm: float | None = None
     label_smoothing: float = 0.1
     lr_factor: float = 1.0  # the Noam schedule's factor
     warmup: int = 4000  # optimizer steps to the schedule's peak
-    # The last fraction of the run (train.max_steps or max_minutes, whichever ends it) over
-    # which the rate falls linearly to 0; 0: the Noam schedule alone. By max_minutes the
-    # rate follows the clock, so two runs differ in their last steps.
+    # The last fraction of the run (train.max_steps or max_minutes, whichever ends it) over which the rate falls
+    # linearly to 0; 0: the Noam schedule alone. By max_minutes it follows the clock, so runs differ at the end.
     cooldown: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-9
     weight_decay: float = 0.0
     log_every: int = 10  # refresh the progress bar's figures every N steps
     eval_every: int | None = None  # validate every N steps; None: after every epoch
-    patience: int | None = None  # stop after this many validations without a better score
+    # What "better" means for best.pt and train.patience: the task's greedy score (BLEU), or the validation loss
+    best_metric: Literal["score", "loss"] = "score"
+    patience: int | None = None  # stop after this many validations without a better one
     keep_checkpoints: int = 0  # also keep the last N evaluation points as step-<N>.pt (for averaging)
     # At the end, best.pt keeps whichever of these length penalties gives the best beam-search
     # BLEU on the validation text (then used on the test text); empty: decode.length_penalty.

@@ -23,7 +23,8 @@ class Score:
     """A model's score at an evaluation point.
 
     Attributes:
-        value: higher is better; the best value so far is kept as ``best.pt``.
+        value: higher is better; with ``train.best_metric: score`` the best value so far
+            is kept as ``best.pt``.
         metrics: figures for ``metrics.jsonl`` (besides the validation loss).
         text: the same figures for the log line, or "".
     """

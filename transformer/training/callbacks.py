@@ -85,8 +85,8 @@ class EpochLog(Callback):
 
 class Checkpoints:
     """The run's checkpoint files, written by rank 0: ``last.pt`` at every evaluation
-    point, ``best.pt`` when the score improves, and ``step-<N>.pt`` for the last
-    ``keep`` evaluation points (for averaging)."""
+    point, ``best.pt`` when the model improves (``train.best_metric``), and
+    ``step-<N>.pt`` for the last ``keep`` evaluation points (for averaging)."""
 
     def __init__(self, run_dir: Path, keep: int, dist: Distributed):
         self.run_dir, self.keep, self.dist = run_dir, keep, dist
@@ -110,9 +110,9 @@ class Validator(Callback):
 
     It measures the validation loss, has the task score the model (``Task.score``,
     greedy), saves the checkpoints, and stops training after ``train.patience``
-    evaluations without a better score. With several processes every one calls it:
-    rank 0 validates and writes, the others give their part of the checkpoint (their
-    generators' states) and receive its decision to stop.
+    evaluations without a better score, or loss (``train.best_metric``). With several
+    processes every one calls it: rank 0 validates and writes, the others give their
+    part of the checkpoint (their generators' states) and receive its decision to stop.
     """
 
     def __init__(self, cfg: Config, task: Task, run_dir: Path, metrics: MetricsLog | None, device: torch.device,
@@ -147,8 +147,10 @@ class Validator(Callback):
         greedy = dataclasses.replace(self.cfg.decode, beam_size=1, nbest=1)
         score = self.task.score(Translator(trainer.model, self.task.tokenizer, greedy, self.device), record["valid_loss"])
         record.update(score.metrics)
-        improved = self.best is None or score.value > self.best
-        self.best, self.bad_evals = (score.value, 0) if improved else (self.best, self.bad_evals + 1)
+        # Kept as "higher is better" either way: the loss is stored negated.
+        value = -record["valid_loss"] if self.cfg.train.best_metric == "loss" else score.value
+        improved = self.best is None or value > self.best
+        self.best, self.bad_evals = (value, 0) if improved else (self.best, self.bad_evals + 1)
         self.save(trainer, step, best=improved)
         record["seconds"] = time.perf_counter() - start
         self.metrics.write(**record)
