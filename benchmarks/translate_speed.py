@@ -10,11 +10,13 @@ translate.py runs one:
      given);
   3. batched, cached beam search (--beam-size, default 5, with the checkpoint's length
      penalty unless --length-penalty is given);
-  4. and 5. the same two with the weights in bf16 (--dtypes fp32,bf16 by default);
+  4. batched, cached beam search stopping by CTranslate2's rule (--patience, default 1:
+     decode.patience, translate.py --patience);
+  5. to 7. the same three with the weights in bf16 (--dtypes fp32,bf16 by default);
      with --unpacked, greedy and beam in each dtype once more with the model's linear
      layers as they are (translate.py packs their weights for oneDNN on the CPU,
      transformer.fast.packed).
-  6. the checkpoint exported to CTranslate2 (python -m transformer.export), decoded by its
+  8. the checkpoint exported to CTranslate2 (python -m transformer.export), decoded by its
      engine greedily and with the same beam, in float32 and int8 (--ctranslate2; bf16
      where CTranslate2 computes in bf16 on this CPU), with --ct2-workers inter-threads
      of threads/workers intra-threads each (2 x 1 on 2 cores), as translate.py --model
@@ -86,6 +88,8 @@ def main() -> int:
     parser.add_argument("--batch-hypotheses", type=int, default=None,
                         help="beam search's hypotheses per batch (default: the checkpoint's, 640 on a CPU)")
     parser.add_argument("--workers", type=int, default=None, help="batches decoded at once (default: translate.py's)")
+    parser.add_argument("--patience", type=float, default=1.0,
+                        help="also beam search stopping by CTranslate2's rule with this patience (default 1; 0: not)")
     parser.add_argument("--unpacked", action="store_true",
                         help="also decode with the linear layers unpacked (nn.Linear's product), for comparison")
     parser.add_argument("--repeat", type=int, default=5,
@@ -114,11 +118,15 @@ def main() -> int:
     for packed in (True, False) if args.unpacked else (True,):
         for dtype in args.dtypes.split(","):
             how = f"{dtype}" if packed else f"{dtype}, unpacked"
+            beam = dataclasses.replace(base.cfg, beam_size=args.beam_size, length_penalty=alpha, dtype=dtype,
+                                       patience=None)
             setups += [
                 (f"batched greedy, {how}", dataclasses.replace(base.cfg, beam_size=1, dtype=dtype), packed),
-                (f"batched beam {args.beam_size}, {how}",
-                 dataclasses.replace(base.cfg, beam_size=args.beam_size, length_penalty=alpha, dtype=dtype), packed),
+                (f"batched beam {args.beam_size}, {how}", beam, packed),
             ]
+            if args.patience > 0:
+                setups.append((f"batched beam {args.beam_size}, {how}, patience {args.patience:g}",
+                               dataclasses.replace(beam, patience=args.patience), packed))
     describe(args.device)
     print(f"device {args.device}; {len(src)} sentences; {args.checkpoint}")
     scratch = tempfile.TemporaryDirectory(prefix="translate-speed-")
@@ -163,13 +171,17 @@ def main() -> int:
         if "greedy" in name:
             same = sum(a == b for a, b in zip(first, results[name]))
             print(f"{name} == reference way: {same} of {len(first)} sentences identical")
-    ours = {"greedy": f"batched greedy, {args.dtypes.split(',')[0]}",
-            "beam": f"batched beam {args.beam_size}, {args.dtypes.split(',')[0]}"}
+    dtype = args.dtypes.split(",")[0]
+    ours = {"greedy": f"batched greedy, {dtype}", "beam": f"batched beam {args.beam_size}, {dtype}"}
+    patient_ours = f"{ours['beam']}, patience {args.patience:g}"
     for name, _, _ in decoders:
         if name.startswith("ctranslate2"):
             mine = ours["greedy" if "greedy" in name else "beam"]
             same = sum(a == b for a, b in zip(results[mine], results[name]))
             print(f"{name} == {mine}: {same} of {len(first)} sentences identical")
+            if "beam" in name and "patience" not in name and patient_ours in results and args.patience == 1:
+                same = sum(a == b for a, b in zip(results[patient_ours], results[name]))
+                print(f"{name} == {patient_ours} (the same rule): {same} of {len(first)} sentences identical")
     for kind, mine in ours.items():
         engine = f"ctranslate2 {'greedy' if kind == 'greedy' else f'beam {args.beam_size}'}, float32"
         if engine not in times:
@@ -179,6 +191,8 @@ def main() -> int:
         patient = f"{engine}, patience 2"
         closer = (f" ({times[mine] / times[patient]:.2f}x that of {patient}, whose search is closer to ours)"
                   if patient in times else "")
+        if kind == "beam" and patient_ours in times and args.patience == 1:
+            closer += f"; {patient_ours} (its rule) {times[patient_ours] / times[engine]:.2f}x"
         print(f"{kind}: {mine} takes {times[mine] / times[engine]:.2f}x the time of {engine}{closer}; "
               f"our fastest ({fastest}) {times[fastest] / times[engine]:.2f}x")
     scratch.cleanup()

@@ -134,6 +134,6 @@ def test_translate_speed_runs_each_decoder_in_its_own_process(tiny_run, tmp_path
                      str(tmp_path), "--repeat", "2", "--dtypes", "fp32", "--ctranslate2", "none")
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith(("reference", "batched"))]
-    assert [r.split("  ")[0] for r in rows[:3]] == ["reference (1 sentence, no cache)", "batched greedy, fp32",
-                                                     "batched beam 5, fp32"]
+    assert [r.split("  ")[0] for r in rows[:4]] == ["reference (1 sentence, no cache)", "batched greedy, fp32",
+                                                     "batched beam 5, fp32", "batched beam 5, fp32, patience 1"]
     assert "batched greedy, fp32 == reference way: 12 of 12 sentences identical" in result.stdout

@@ -120,6 +120,10 @@ def test_translate_flag_errors(tiny_run):
     assert result.returncode == 2 and "--nbest" in result.stderr
     result = run_cli("translate.py", "--checkpoint", ckpt, "--nbest", "2", "1 2")  # copy.yaml decodes greedily
     assert result.returncode == 2 and "beam size (1)" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("translate.py", "--checkpoint", ckpt, "--patience", "0", "1 2")
+    assert result.returncode == 2 and "--patience must be positive" in result.stderr
+    result = run_cli("translate.py", "--checkpoint", ckpt, "--beam-size", "5", "--patience", "0.4", "--nbest", "3", "1 2")
+    assert result.returncode == 2 and "beam size x patience (5 x 0.4" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("translate.py", "--checkpoint", ckpt, "--batch-tokens", "0", "1 2")
     assert result.returncode == 2 and "--batch-tokens" in result.stderr
     result = run_cli("translate.py", "--checkpoint", ckpt, "--workers", "0", "1 2")

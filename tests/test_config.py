@@ -59,6 +59,8 @@ def test_exponents_without_a_dot_are_numbers(tmp_path):
         ("model.h=7", "model.h"),
         ("decode.workers=0", "decode.workers"),
         ("decode.batch_hypotheses=-5", "decode.batch_hypotheses"),
+        ("decode.patience=0", "decode.patience"),
+        ("train.best_metric=bleu", "train.best_metric"),
         ("train.adam_betas=[0.9]", "train.adam_betas"),
         ("data.copy.min_len=20", "data.copy.min_len"),
         ("train=5", "train"),

@@ -4,6 +4,7 @@ n-best, ordering and bad input."""
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import logging
 
@@ -12,7 +13,7 @@ import torch
 from conftest import DEVICES
 from torch import nn
 
-from transformer.config import DecodeConfig
+from transformer.config import ConfigError, DecodeConfig
 from transformer.data.batching import padding_mask
 from transformer.fast.decoding import LogitBuffer, encode_in_pieces, logsumexp_rows
 from transformer.fast.packed import PackedFeedForward, PackedLinear, can_pack, packed_copy
@@ -144,6 +145,47 @@ def test_a_wide_enough_beam_finds_the_best_outputs(alpha):
     found = beam_search(m, src, mask, limit, BOS, EOS, beam_size=len(words) ** (limit - 1), alpha=alpha, nbest=5)[0]
     assert [h.tokens for h in found] == [o for _, o in exact[:5]]
     assert [h.score for h in found] == pytest.approx([s for s, _ in exact[:5]], abs=1e-9)
+
+
+@pytest.mark.parametrize("patience", [0.4, 1.0, 2.0])
+def test_a_patient_search_decodes_each_sentence_as_alone_cached_or_not(patience):
+    """Sentences stop by the patience rule at different steps, and leave the batch: each
+    gets what it gets decoded alone, with the cache or without. The rule is not the full
+    search's: on this model it decodes a different number of rows (hypothesis-steps).
+    Both follow the same beams, and the full search stops only where nothing better can
+    come, so the patient search's k-th best is never better than the full search's."""
+    m = model(seed=5)
+    with torch.no_grad():
+        m.generator.proj.bias[EOS] += 1.5  # sentences end before their limit, some early, some late
+    src, mask = source(seed=5, lengths=(7, 4, 6, 2, 9, 5))
+    limits = torch.tensor([12, 8, 11, 5, 14, 9])
+    decode, rows = m.decode, []
+    m.decode = lambda *args: (rows.append(args[2].size(0)), decode(*args))[1]
+    search = functools.partial(beam_search, m, beam_size=5, start_symbol=BOS, end_symbol=EOS, alpha=1.0, nbest=2)
+    full = search(src=src, src_mask=mask, max_len=limits)
+    full_rows = sum(rows)
+    together = search(src=src, src_mask=mask, max_len=limits, patience=patience)
+    assert sum(rows) - full_rows != full_rows
+    uncached = search(src=src, src_mask=mask, max_len=limits, patience=patience, use_cache=False)
+    for i, (a, b) in enumerate(zip(together, uncached)):
+        alone = search(src=src[i : i + 1], src_mask=mask[i : i + 1], max_len=limits[i : i + 1], patience=patience)[0]
+        assert len(a) == 2 and [h.tokens for h in a] == [h.tokens for h in b] == [h.tokens for h in alone]
+        assert [h.score for h in a] == pytest.approx([h.score for h in alone], abs=1e-9)
+        assert all(x.score >= y.score - 1e-9 for x, y in zip(full[i], a))
+
+
+def test_a_patient_search_collects_at_least_its_n_best():
+    """nbest must fit in the round(beam_size · patience) hypotheses a patient search keeps."""
+    from transformer.config import load_config
+
+    m = model(seed=6)
+    src, mask = source(seed=6)
+    with pytest.raises(ConfigError, match=r"beam size x patience \(5 x 0.4, rounded: 2\)"):
+        beam_search(m, src, mask, 6, BOS, EOS, beam_size=5, nbest=3, patience=0.4)
+    assert len(beam_search(m, src, mask, 6, BOS, EOS, beam_size=5, nbest=2, patience=0.4)[0]) == 2
+    with pytest.raises(ConfigError, match="'decode.nbest'.*patience"):
+        load_config(None, ["decode.nbest=3", "decode.patience=0.4"])
+    assert load_config(None, ["decode.beam_size=1", "decode.patience=0.1"]).decode.patience == 0.1  # greedy: none
 
 
 def test_beam_search_checks_nbest():

@@ -176,6 +176,12 @@ def translate_main(argv: list[str] | None = None) -> int:
         "--batch-hypotheses", type=int,
         help="with beam search, hypotheses (sentences x beam size) decoded together, at most (default: 640 on a CPU)",
     )
+    parser.add_argument(
+        "--patience", type=float, metavar="P",
+        help="beam search stops a sentence once its best extension has ended and it has round(beam size x P) "
+        "finished hypotheses, CTranslate2's rule: usually faster (default: the checkpoint's decode.patience, "
+        "else ours: until no live prefix can win; ctranslate2: 1)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--workers", type=int,
@@ -200,6 +206,8 @@ def translate_main(argv: list[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.patience is not None and not args.patience > 0:
+        parser.error("--patience must be positive")
 
     from transformer.inference.ctranslate2 import is_exported_model
 
@@ -229,7 +237,8 @@ def translate_main(argv: list[str] | None = None) -> int:
     setup_logging()
     keep_freed_memory(one_arena=True)  # decoding worker threads share the main arena
     overrides = {"cache": not args.no_cache}
-    for flag in ("beam_size", "length_penalty", "batch_size", "batch_tokens", "batch_hypotheses", "dtype", "workers"):
+    for flag in ("beam_size", "length_penalty", "batch_size", "batch_tokens", "batch_hypotheses", "dtype", "workers",
+                 "patience"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     if args.max_len is not None:
@@ -260,7 +269,7 @@ def translate_main(argv: list[str] | None = None) -> int:
 
             translator = Translator.from_checkpoint(args.checkpoint, device=args.device, **overrides)
         try:
-            check_nbest(args.nbest, translator.cfg.beam_size)
+            check_nbest(args.nbest, translator.cfg.beam_size, translator.cfg.patience)
         except ConfigError as e:
             return _fail(f"--nbest: {e}; set --beam-size")
         if args.sentences:

@@ -1,9 +1,8 @@
 """Typed configuration: frozen dataclasses, YAML files and dotted overrides.
 
-The dataclasses below are the single source of defaults. A YAML file in ``configs/``
-maps onto them one to one; ``--set train.warmup=400`` overrides one field and is
-coerced to that field's type. An unknown key or a value of the wrong type is a
-``ConfigError`` that names the key and where it came from.
+The dataclasses below are the single source of defaults. A YAML file in ``configs/`` maps onto
+them one to one; ``--set train.warmup=400`` overrides one field and is coerced to that field's
+type. An unknown key or a value of the wrong type is a ``ConfigError`` naming the key and source.
 """
 
 from __future__ import annotations
@@ -57,8 +56,7 @@ class DataConfig:
     """What to train on: a parallel corpus (Multi30k by default) or the copy task."""
 
     task: Literal["translation", "copy"] = "translation"
-    # Where Multi30k is: this folder; else $TRANSFORMER_DATA/multi30k; else data/multi30k.
-    dir: str | None = None
+    dir: str | None = None  # where Multi30k is: this folder; else $TRANSFORMER_DATA/multi30k; else data/multi30k
     download: bool = True  # fetch missing Multi30k files (checked against their sha256)
     # Your own corpus instead of Multi30k's: [source file, target file], plain or .gz.
     train: tuple[str, str] | None = None
@@ -94,9 +92,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps
     max_minutes: float | None = None  # stop after this much training time (wall clock)
     accum_steps: int = 1  # micro-batches per optimizer step (gradients are token-averaged)
-    # torch.compile the training forward pass, with dynamic shapes (one compilation for every
-    # batch shape). Off: on the 2-core CPUs it is slower than eager (docs/performance.md).
-    compile: bool = False
+    compile: bool = False  # torch.compile the forward pass (dynamic shapes); slower than eager on 2-core CPUs
     clip_grad_norm: float | None = None
     label_smoothing: float = 0.1
     lr_factor: float = 1.0  # the Noam schedule's factor
@@ -132,13 +128,13 @@ class DecodeConfig:
     batch_size: int = 256  # sentences decoded together, at most
     batch_tokens: int = 8192  # source tokens (padding included) decoded together, at most
     batch_hypotheses: int | None = None  # beam: sentences x beam_size at once, at most; None: 640 on a CPU, else any
+    # Beam search stops a sentence when no live prefix can beat its nbest-th finished hypothesis; with a
+    # patience p, once its best extension has ended and it has round(beam_size·p) finished (CTranslate2's rule).
+    patience: float | None = None
     cache: bool = True  # False: recompute the whole prefix at every step, as the reference
-    # Weights and activations while decoding; None keeps the model's own (float32 after
-    # training). bf16 is faster on a CPU with bf16 matmul units; fp16 needs CUDA.
-    dtype: Literal["fp32", "bf16", "fp16"] | None = None
-    # Batches decoded at once, in threads that share the CPU's cores (the outputs are
-    # the same); None: 2 on a CPU with two threads or more, else 1.
-    workers: int | None = None
+    # Weights and activations while decoding; None keeps the model's own (float32 after training).
+    dtype: Literal["fp32", "bf16", "fp16"] | None = None  # bf16: faster with bf16 matmul units; fp16 needs CUDA
+    workers: int | None = None  # batches decoded at once, in threads; None: 2 on a CPU with 2+ threads, else 1
 
 
 @dataclass(frozen=True)
@@ -160,10 +156,14 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
-def check_nbest(nbest: int, beam_size: int) -> None:
-    """An n-best list holds at most one hypothesis per beam (the one check of this rule)."""
+def check_nbest(nbest: int, beam_size: int, patience: float | None = None) -> None:
+    """An n-best list holds at most one hypothesis per beam (the one check of this rule),
+    and at most the round(beam_size · patience) that a patient search collects."""
     if not 1 <= nbest <= beam_size:
         raise ConfigError(f"nbest ({nbest}) must be between 1 and the beam size ({beam_size})")
+    if patience is not None and beam_size > 1 and nbest > round(beam_size * patience):
+        raise ConfigError(f"nbest ({nbest}) must be at most beam size x patience ({beam_size} x {patience:g}, "
+                          f"rounded: {round(beam_size * patience)})")
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -256,7 +256,7 @@ def _check(cfg: Config) -> None:
     }
     optional = {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every, "train.patience": t.patience,
                 "train.max_minutes": t.max_minutes, "decode.workers": cfg.decode.workers,
-                "decode.batch_hypotheses": cfg.decode.batch_hypotheses}
+                "decode.batch_hypotheses": cfg.decode.batch_hypotheses, "decode.patience": cfg.decode.patience}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {value}")
@@ -274,7 +274,7 @@ def _check(cfg: Config) -> None:
         if value is not None and value <= 0:
             raise ConfigError(f"'{key}' must be positive (or null), got {value}")
     try:
-        check_nbest(cfg.decode.nbest, cfg.decode.beam_size)
+        check_nbest(cfg.decode.nbest, cfg.decode.beam_size, cfg.decode.patience)
     except ConfigError as e:
         raise ConfigError(f"'decode.nbest': {e}") from None
     for key, value in {"train.keep_checkpoints": t.keep_checkpoints, "data.tokenizer_sample": d.tokenizer_sample,

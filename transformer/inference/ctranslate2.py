@@ -131,8 +131,8 @@ class CTranslate2Translator(SentenceTranslator):
         self.model = None  # no torch model: attention pictures need the checkpoint
         self.workers = translator.num_translators  # CTranslate2's inter_threads
         self.threads = threads  # its intra_threads, each
-        if patience < 1:
-            raise ValueError(f"patience must be at least 1, got {patience}")
+        if not patience > 0:
+            raise ValueError(f"patience must be positive, got {patience}")
         self.patience = patience  # beam search collects beam_size · patience finished hypotheses
         tokens = meta["tokens"]
         vocab = self._vocabularies()
@@ -154,7 +154,7 @@ class CTranslate2Translator(SentenceTranslator):
 
     @classmethod
     def from_directory(cls, path: str | Path, device: str = "cpu", compute_type: str | None = None,
-                       workers: int | None = None, threads: int | None = None, patience: float = 1.0,
+                       workers: int | None = None, threads: int | None = None, patience: float | None = None,
                        **decode_overrides) -> "CTranslate2Translator":
         """Load an exported folder.
 
@@ -169,7 +169,8 @@ class CTranslate2Translator(SentenceTranslator):
             patience: with a length penalty, beam search stops once it has
                 ``beam_size · patience`` finished hypotheses (and its best candidate
                 ended), and our penalty ranks them: more patience, closer to our search,
-                slower (docs/exporting.md).
+                slower (docs/exporting.md). Default: ``decode.patience``, else 1
+                (``Translator`` with the same ``decode.patience`` finds the same).
             decode_overrides: fields of the checkpoint's decode config to replace.
 
         Raises:
@@ -185,6 +186,7 @@ class CTranslate2Translator(SentenceTranslator):
         meta = read_metadata(path)
         tokenizer = _tokenizer(path, meta)
         cfg = dataclasses.replace(from_dict(meta["config"]).decode, **decode_overrides)
+        patience = patience if patience is not None else cfg.patience or 1.0
         name, _, index = device.partition(":")
         if name == "auto":
             name = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
@@ -209,6 +211,8 @@ class CTranslate2Translator(SentenceTranslator):
     def with_decoding(self, patience: float | None = None, **overrides) -> "CTranslate2Translator":
         """A translator decoding otherwise (e.g. ``beam_size=5``: fields of ``cfg``, and
         ``patience``) with the same loaded model."""
+        if patience is not None:
+            overrides["patience"] = patience
         return CTranslate2Translator(self.translator, self.tokenizer, dataclasses.replace(self.cfg, **overrides),
                                      self.meta, self.path, self.device, self.compute_type, self.threads,
                                      self.patience if patience is None else patience)
@@ -250,6 +254,7 @@ class CTranslate2Translator(SentenceTranslator):
             patience, pool = 1.0, nbest
         else:
             patience, pool = self.patience, round(cfg.beam_size * self.patience)
+            check_nbest(nbest, cfg.beam_size, patience)
         # Greedy without scores: one call per batch at its longest limit, each output cut
         # to its own (its score would then be wrong). Otherwise one call per limit.
         by_limit = scores or not greedy

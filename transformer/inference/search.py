@@ -143,6 +143,7 @@ def beam_search(
     nbest: int = 1,
     pad: int = 0,
     use_cache: bool = True,
+    patience: float | None = None,
 ) -> list[list[Hypothesis]]:
     """Keep the ``beam_size`` most probable prefixes of every sentence, step by step.
 
@@ -158,13 +159,22 @@ def beam_search(
     limit), or when it reaches its length limit (its live prefixes are then finished
     as they are). Finished sentences leave the batch, so the rest decode faster.
 
+    With a ``patience`` p it stops by CTranslate2's rule instead (as ``transformer.export``
+    runs it: α 0, its hypotheses then ranked by ours): once the sentence's most probable
+    extension has ended, at this step or before, and it has ``round(beam_size · p)``
+    finished hypotheses, the most probable of which (that many) are ranked by the length
+    penalty. On trained models that is usually sooner (docs/performance.md), and it can
+    miss a hypothesis that the full search finds.
+
     With ``beam_size`` 1 and ``alpha`` 0 this finds what ``greedy_decode`` finds.
 
     Args:
         max_len: tokens to generate at most, after the start symbol: one number for the
             batch or one per sentence (B,).
         alpha: the length penalty's exponent (see ``length_penalty``).
-        nbest: hypotheses to return per sentence, at most ``beam_size``.
+        nbest: hypotheses to return per sentence, at most ``beam_size`` (and at most
+            ``round(beam_size · patience)``).
+        patience: None for the search above; else CTranslate2's stopping rule.
 
     Returns:
         For each sentence, its best ``nbest`` distinct hypotheses, best first.
@@ -172,8 +182,13 @@ def beam_search(
     Shape:
         src (B, S), src_mask (B, 1, S).
     """
-    check_nbest(nbest, beam_size)
+    check_nbest(nbest, beam_size, patience)
     batch, k, device = src.size(0), beam_size, src.device
+    # With a patience: every finished hypothesis of a sentence is kept until it stops, and
+    # whether its best extension has ended yet.
+    pool = round(k * patience) if patience is not None else None
+    collected: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    best_ended = [False] * batch
     limits = torch.as_tensor(max_len).expand(batch).tolist()
     # One row of encoder output per sentence, shared by its k hypotheses (rows g*k to
     # g*k + k - 1 of the decoder's batch): the attention handles the sharing.
@@ -227,17 +242,28 @@ def beam_search(
             words = tokens[row, 1:].tolist() + ([] if ended else [int(top_word[g, j])])
             log_prob = float(top_scores[g, j])
             length = step if ended else len(words)
-            _insert(finished[active[g]], Hypothesis(words, log_prob / length_penalty(length, alpha), log_prob, length), nbest)
+            hypothesis = Hypothesis(words, log_prob / length_penalty(length, alpha), log_prob, length)
+            if pool is None:
+                _insert(finished[active[g]], hypothesis, nbest)
+            else:
+                collected[active[g]].append(hypothesis)
 
         # Which sentences go on: not at their limit, with a live prefix that could
-        # still beat their nbest-th finished hypothesis.
+        # still beat their nbest-th finished hypothesis (with a patience: not yet done
+        # by CTranslate2's rule).
         best_live = live_scores[:, 0].tolist()
+        if pool is not None:
+            for g in (ends[:, 0] & (top_scores[:, 0] > -torch.inf)).nonzero().flatten().tolist():
+                best_ended[active[g]] = True
         going = []
         for g, i in enumerate(active):
             if at_limit[g] or best_live[g] == -torch.inf:
                 continue
-            done = finished[i]
-            if len(done) == nbest:
+            if pool is not None:
+                if best_ended[i] and len(collected[i]) >= pool:
+                    continue
+            elif len(finished[i]) == nbest:
+                done = finished[i]
                 # The log-probability can only fall; the penalty is largest (alpha > 0)
                 # at the limit, or (alpha < 0) at the next step.
                 longest = limits[i] if alpha > 0 else step + 1
@@ -259,6 +285,10 @@ def beam_search(
             # its encoder-decoder keys and values: those stay as they are.
             cache.reorder(rows, static=False)
         active = [active[g] for g in going]
+    if pool is not None:
+        for i, found in enumerate(collected):
+            for hypothesis in sorted(found, key=lambda h: h.log_prob, reverse=True)[:pool]:
+                _insert(finished[i], hypothesis, nbest)
     return finished
 
 

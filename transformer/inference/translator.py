@@ -101,7 +101,7 @@ class Translator(SentenceTranslator):
         """
         cfg = self.cfg
         nbest = cfg.nbest if nbest is None else nbest
-        check_nbest(nbest, cfg.beam_size)
+        check_nbest(nbest, cfg.beam_size, cfg.patience)
         results: list[list[Hypothesis]] = [[Hypothesis([], math.nan, math.nan, 0)] for _ in sources]
         self.model.eval()
         # The biggest batches first: with several workers, none is then left with a long
@@ -146,7 +146,7 @@ class Translator(SentenceTranslator):
         if cfg.beam_size > 1:
             return beam_search(
                 self.model, src, src_mask, limits, tok.bos_id, tok.eos_id, cfg.beam_size,
-                alpha=cfg.length_penalty, nbest=nbest, pad=tok.pad_id, use_cache=cfg.cache,
+                alpha=cfg.length_penalty, nbest=nbest, pad=tok.pad_id, use_cache=cfg.cache, patience=cfg.patience,
             )
         ys = greedy_decode(self.model, src, src_mask, limits, tok.bos_id, tok.eos_id, tok.pad_id, cfg.cache)
         found = [[self._greedy_hypothesis(row, limit)] for row, limit in zip(ys.tolist(), limits.tolist())]
