@@ -179,21 +179,21 @@ def test_beam_search_with_the_gnmt_penalty_can_only_stop_earlier(translation):
     assert same[2] >= same[1] >= 0.9 * len(sources)
 
 
-@pytest.mark.parametrize("patience", [1, 2])
-def test_a_patient_beam_search_is_ctranslate2s(translation, patience):
+@pytest.mark.parametrize("patience, alpha", [(1, 1.0), (2, 1.0), (1, 0.0)])
+def test_a_patient_beam_search_is_ctranslate2s(translation, patience, alpha):
     """``decode.patience`` stops our search by CTranslate2's rule: the same n-best lists,
-    on every sentence, from both engines given the same patience (at patience 1, where
-    our full search's lists differ from CTranslate2's)."""
+    on every sentence, from both engines given the same patience, with a length penalty
+    or without (at patience 1 and α 1, our full search's lists differ from CTranslate2's)."""
     checkpoint, sentences, _ = translation
-    ours, theirs = _both(checkpoint, beam_size=5, length_penalty=1.0, patience=patience)
+    ours, theirs = _both(checkpoint, beam_size=5, length_penalty=alpha, patience=patience)
     assert theirs.patience == patience
     sources = ours.encode(sentences)
     a, b = ours.search(sources, nbest=5), theirs.search(sources, nbest=5)
     for i, (x, y) in enumerate(zip(a, b)):
         assert [h.tokens for h in x] == [h.tokens for h in y], (i, sentences[i])
         assert [h.score for h in x] == pytest.approx([h.score for h in y], rel=1e-3, abs=1e-3), i
-    if patience == 1:
-        full = Translator.from_checkpoint(checkpoint, device="cpu", beam_size=5, length_penalty=1.0)
+    if (patience, alpha) == (1, 1.0):
+        full = Translator.from_checkpoint(checkpoint, device="cpu", beam_size=5, length_penalty=alpha)
         assert full.cfg.patience is None
         differ = [[h.tokens for h in x] != [h.tokens for h in y] for x, y in zip(full.search(sources, nbest=5), b)]
         assert any(differ)

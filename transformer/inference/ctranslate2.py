@@ -248,9 +248,10 @@ class CTranslate2Translator(SentenceTranslator):
         greedy = cfg.beam_size == 1
         # CTranslate2 runs with α 0, so it stops a sentence once its best candidate has
         # ended and it has ``num_hypotheses`` finished ones. With our α 0 too, that is
-        # where our search stops (for one hypothesis). Otherwise it returns all it
-        # collected, beam_size · patience of them, for our length penalty to rank.
-        if greedy or cfg.length_penalty == 0:
+        # where our full search stops (for one hypothesis). Otherwise it returns all it
+        # collected, beam_size · patience of them, for our length penalty to rank (as
+        # our search with ``decode.patience`` does).
+        if greedy or (cfg.length_penalty == 0 and cfg.patience is None):
             patience, pool = 1.0, nbest
         else:
             patience, pool = self.patience, round(cfg.beam_size * self.patience)
