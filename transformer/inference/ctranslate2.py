@@ -117,8 +117,7 @@ class CTranslate2Translator(SentenceTranslator):
     engine = "ctranslate2"
 
     def __init__(self, translator: Any, tokenizer: Tokenizer, cfg: DecodeConfig, meta: dict[str, Any],
-                 path: str | Path, device: str = "cpu", compute_type: str = "default", threads: int = 1,
-                 patience: float = 1.0):
+                 path: str | Path, device: str = "cpu", compute_type: str = "default", threads: int = 1):
         self.translator = translator
         self.tokenizer = tokenizer
         self.cfg = cfg
@@ -131,9 +130,10 @@ class CTranslate2Translator(SentenceTranslator):
         self.model = None  # no torch model: attention pictures need the checkpoint
         self.workers = translator.num_translators  # CTranslate2's inter_threads
         self.threads = threads  # its intra_threads, each
-        if not patience > 0:
-            raise ValueError(f"patience must be positive, got {patience}")
-        self.patience = patience  # beam search collects beam_size · patience finished hypotheses
+        # Beam search collects beam_size · patience finished hypotheses (decode.patience, else 1).
+        self.patience = cfg.patience or 1.0
+        if not self.patience > 0:
+            raise ValueError(f"patience must be positive, got {self.patience}")
         tokens = meta["tokens"]
         vocab = self._vocabularies()
         self.src_tokens, self.tgt_tokens = vocab
@@ -154,8 +154,7 @@ class CTranslate2Translator(SentenceTranslator):
 
     @classmethod
     def from_directory(cls, path: str | Path, device: str = "cpu", compute_type: str | None = None,
-                       workers: int | None = None, threads: int | None = None, patience: float | None = None,
-                       **decode_overrides) -> "CTranslate2Translator":
+                       workers: int | None = None, threads: int | None = None, **decode_overrides) -> "CTranslate2Translator":
         """Load an exported folder.
 
         Args:
@@ -166,12 +165,12 @@ class CTranslate2Translator(SentenceTranslator):
             workers: translations run at once (``inter_threads``; default 2 on a CPU with
                 two cores or more, else 1).
             threads: threads in all, shared among the workers (default: the cores).
-            patience: with a length penalty, beam search stops once it has
-                ``beam_size · patience`` finished hypotheses (and its best candidate
-                ended), and our penalty ranks them: more patience, closer to our search,
-                slower (docs/exporting.md). Default: ``decode.patience``, else 1
-                (``Translator`` with the same ``decode.patience`` finds the same).
-            decode_overrides: fields of the checkpoint's decode config to replace.
+            decode_overrides: fields of the checkpoint's decode config to replace. Among
+                them ``patience`` (default: the checkpoint's ``decode.patience``, else 1):
+                beam search stops once it has ``beam_size · patience`` finished hypotheses
+                (and its best candidate ended), and our penalty ranks them: more patience,
+                closer to our full search, slower (docs/exporting.md); ``Translator`` with
+                the same ``decode.patience`` finds the same.
 
         Raises:
             ExportedModelError: a folder that is not an export, or that CTranslate2 cannot load.
@@ -186,7 +185,6 @@ class CTranslate2Translator(SentenceTranslator):
         meta = read_metadata(path)
         tokenizer = _tokenizer(path, meta)
         cfg = dataclasses.replace(from_dict(meta["config"]).decode, **decode_overrides)
-        patience = patience if patience is not None else cfg.patience or 1.0
         name, _, index = device.partition(":")
         if name == "auto":
             name = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
@@ -206,16 +204,13 @@ class CTranslate2Translator(SentenceTranslator):
             raise ExportedModelError(f"{path}: ctranslate2 cannot load it ({e})") from e
         log.info("loaded %s in ctranslate2 %s on %s: %s, %d worker(s) x %d thread(s)", path,
                  ctranslate2.__version__, name, translator.compute_type, workers, intra)
-        return cls(translator, tokenizer, cfg, meta, path, name, translator.compute_type, intra, patience)
+        return cls(translator, tokenizer, cfg, meta, path, name, translator.compute_type, intra)
 
-    def with_decoding(self, patience: float | None = None, **overrides) -> "CTranslate2Translator":
-        """A translator decoding otherwise (e.g. ``beam_size=5``: fields of ``cfg``, and
-        ``patience``) with the same loaded model."""
-        if patience is not None:
-            overrides["patience"] = patience
+    def with_decoding(self, **overrides) -> "CTranslate2Translator":
+        """A translator decoding otherwise (e.g. ``beam_size=5`` or ``patience=2``: fields
+        of ``cfg``) with the same loaded model."""
         return CTranslate2Translator(self.translator, self.tokenizer, dataclasses.replace(self.cfg, **overrides),
-                                     self.meta, self.path, self.device, self.compute_type, self.threads,
-                                     self.patience if patience is None else patience)
+                                     self.meta, self.path, self.device, self.compute_type, self.threads)
 
     # -- text <-> ids, as Translator ------------------------------------------------------
 
