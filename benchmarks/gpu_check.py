@@ -17,9 +17,14 @@ another, the most wanted first, each with its own time limit and all within ``--
   all-reduced in fp32 by a communication hook): NCCL takes one process per GPU, so on a
   one-GPU machine the second must stop with our error saying so, and with two GPUs it
   must train over NCCL;
-* ``train.compile``, then beam 5 with ``--dtype bf16`` and fp16;
+* beam 5 with ``--dtype bf16`` and fp16;
+* the default config's training step on two of the host's CPUs (``train_speed.py
+  --default-only``): GPU hosts may have AMX, and its share of the bf16 matmul peak is
+  a target on such a CPU;
 * the test files where every run that leaves the device to ``auto`` (the CLI tests) and
-  the device-generic tests run on CUDA (``DEVICE_TESTS``; the image has no spacy).
+  the device-generic tests run on CUDA (``DEVICE_TESTS``; the image has no spacy), with
+  8 pytest-xdist workers where it is installed;
+* last, as it can take whatever is left: ``train.compile`` (``TORCH_LOGS=recompiles``).
 
 It prints one line per check (its result, seconds and figures) and writes them, with the
 last 30 lines of each check's output, to ``--report``; each whole output is kept under
@@ -37,9 +42,11 @@ CTranslate2 (carry their wheels to include them).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -58,7 +65,8 @@ class Check:
     timeout: float  # seconds
     run_dir: Path | None = None  # a training run's folder, read for its figures
     expect_failure: str | None = None  # the check passes when it fails with this in its output
-    show_output: bool = False  # its output's first lines are its figures
+    shown: str | None = None  # a pattern: the lines of its output that are its figures
+    env: dict[str, str] | None = None  # set for its process, beside the inherited environment
 
 
 def train_argv(config: str, device: str, run_dir: Path, *sets: str) -> list[str]:
@@ -78,7 +86,7 @@ def plan(device: str, work: Path, config: str, minutes: float, steps: int, quick
     short = ("train.amp=bf16", f"train.max_steps={max(steps // 3, 2)}")
     gpus = gpu_count() if cuda else 2
     checks = [
-        Check("environment", [sys.executable, "-c", ENVIRONMENT, device], 60, show_output=True),
+        Check("environment", [sys.executable, "-c", ENVIRONMENT, device], 60, shown=r"torch |device |a product"),
         Check("train bf16 autocast", train_argv(config, device, runs["bf16"], "train.amp=bf16",
                                                 f"train.max_minutes={minutes}"), 60 * minutes + 180, runs["bf16"]),
         Check("translate greedy, cache", decode + ["--beam-size", "1", "--output", str(work / "greedy.txt")], 120),
@@ -99,8 +107,6 @@ def plan(device: str, work: Path, config: str, minutes: float, steps: int, quick
               + train_argv(config, device, runs["torchrun2"], "train.amp=bf16-weights", short[1])[1:], 180,
               runs["torchrun2"],
               expect_failure="use at most one process per GPU" if gpus < 2 else None),
-        Check("train compile", train_argv(config, device, runs["compile"], "train.amp=bf16", "train.compile=true",
-                                          limit), 360, runs["compile"]),
         Check("translate beam 5 bf16", decode + ["--beam-size", "5", "--dtype", "bf16",
                                                  "--output", str(work / "beam-bf16.txt")], 120),
     ]
@@ -108,8 +114,20 @@ def plan(device: str, work: Path, config: str, minutes: float, steps: int, quick
         checks.append(Check("translate beam 5 fp16", decode + ["--beam-size", "5", "--dtype", "fp16",
                                                                "--output", str(work / "beam-fp16.txt")], 120))
     if not quick:
+        # The host of a GPU may be a CPU with AMX, which the 2-core machines seldom are: the default
+        # config's CPU step on two of its CPUs, against its bf16 matmul peak.
+        pin = ["taskset", "-c", "0,1"] if shutil.which("taskset") and len(os.sched_getaffinity(0)) > 2 else []
+        checks.append(Check("CPU training step, 2 threads", pin + [sys.executable, "benchmarks/train_speed.py",
+                                                                   "--default-only", "--steps", "8"],
+                            150, shown=r"CPU: |matmul peak|default config", env={"OMP_NUM_THREADS": "2"}))
+        workers = ["-n", "8"] if importlib.util.find_spec("xdist") else []  # pytest-xdist, where installed
         checks.append(Check(f"tests on {device}", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                              *DEVICE_TESTS], 600))
+                                              *workers, *DEVICE_TESTS], 600))
+    # Last, as it may take what is left: compiling for every batch shape's guards; the log names
+    # each recompilation.
+    checks.append(Check("train compile", train_argv(config, device, runs["compile"], "train.amp=bf16",
+                                                    "train.compile=true", limit), 360, runs["compile"],
+                        env={"TORCH_LOGS": "recompiles"}))
     return checks
 
 
@@ -141,7 +159,7 @@ def gpu_count() -> int:
 
 def figures(check: Check, output: str) -> str:
     """What a check measured: a training run's speed and scores, a decoding's BLEU."""
-    found = output.splitlines()[:4] if check.show_output else []
+    found = [line for line in output.splitlines() if re.match(check.shown, line)] if check.shown else []
     if check.run_dir is not None and (check.run_dir / "metrics.jsonl").exists():
         records = [json.loads(line) for line in (check.run_dir / "metrics.jsonl").read_text().splitlines()]
         epochs = [r for r in records if r["kind"] == "epoch"]
@@ -167,7 +185,7 @@ def run(check: Check, log_dir: Path, timeout: float) -> tuple[bool, float, str, 
     start = time.perf_counter()
     try:
         done = subprocess.run(check.argv, check=False, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(check.env or {})})
         output, rc = done.stdout + done.stderr, done.returncode
     except subprocess.TimeoutExpired as e:
         output = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")

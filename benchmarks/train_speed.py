@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py [--data-dir data/multi30k] [--steps 20] [--device cpu]
     python benchmarks/train_speed.py --quick          # fewer steps and sizes: a smoke run
+    python benchmarks/train_speed.py --default-only   # the peaks and the default config's rows alone
 
 It prints:
   1. the matmul peak of this machine, fp32 and bf16 (the best of a few large products);
@@ -131,14 +132,20 @@ def make_tokenizer(data_dir: str | None, path: Path) -> None:
     save_checkpoint(path, {"tokenizer": learn_tokenizer(cfg.data, train).state_dict()})
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 3 steps, fewer sizes")
+    parser.add_argument("--default-only", action="store_true",
+                        help="the peaks and the default config's rows alone (with the AMX verdict on a CPU)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if args.child:
         print(json.dumps(measure(json.loads(args.child))))
         return 0
@@ -162,7 +169,7 @@ def main() -> int:
         ("multi30k.yaml", "multi30k.yaml", steps, WARMUP, [], ("none", "bf16", "bf16-weights")),
         ("multi30k_base.yaml", "multi30k_base.yaml", max(2, steps // 4), 1, [], ("none", "bf16")),
         ("multi30k.yaml compiled", "multi30k.yaml", steps, WARMUP, ["train.compile=true"], ("none", "bf16")),
-    ]
+    ][:1 if args.default_only else None]
     shares = {}
     for label, name, n, warmup, extra, amps in configs:
         for amp in amps:
@@ -182,6 +189,9 @@ def main() -> int:
         verdict = ("PASS" if share >= AMX_TARGET else "FAIL") if amx else "not applicable: this CPU has no AMX"
         print(f"\ndefault config (amp {amp}): {100 * share:.1f}% of the bf16 matmul peak (target on a CPU with AMX: "
               f">= {100 * AMX_TARGET:.0f}%): {verdict}")
+    if args.default_only:
+        tok_path.unlink(missing_ok=True)
+        return 0
     print(f"\nmulti30k.yaml (amp {amp}), step time by sentence length (random tokens, source = target length)")
     print(f"{'length':>6} {'sentences':>9} {'ms/step':>8} {'tok/s':>7} {'GFLOP/s':>8}")
     batch_tokens = load_config(default).data.batch_tokens

@@ -92,6 +92,11 @@ def test_the_gpu_checks_set_only_keys_the_configs_take(tmp_path):
             cfg = load_config(ROOT / argv[0], sets)
             assert cfg.train.device == device and cfg.train.run_dir == str(check.run_dir), check.name
         assert any("fp16" in c.name for c in checks) == (device == "cuda")
+    # The CPU check's flags are train_speed.py's, and it measures with two threads.
+    cpu_step = next(c for c in checks if "train_speed.py" in " ".join(c.argv))
+    flags = cpu_step.argv[[i for i, a in enumerate(cpu_step.argv) if a.endswith("train_speed.py")][0] + 1 :]
+    assert load_benchmark("train_speed").build_parser().parse_args(flags).default_only
+    assert cpu_step.env == {"OMP_NUM_THREADS": "2"}
     # The GPU image has no spacy: the test files it runs must not need it.
     for name in gpu_check.DEVICE_TESTS:
         assert "spacy" not in (ROOT / name).read_text(), name
