@@ -68,8 +68,8 @@ def test_encoding_a_few_rows_at_a_time_changes_nothing(tokens):
 
 
 def test_beam_search_buffers_give_the_plain_results():
-    """The logits written into one reused buffer, and logsumexp a few rows at a time,
-    equal the plain calls."""
+    """The logits written into one reused buffer equal the plain call, and logsumexp a few
+    rows at a time (through softmax) equals torch's to float32's rounding."""
     m = model(seed=3)
     hidden = torch.randn(300, 32, dtype=torch.float64)
     project = LogitBuffer(m, 300, torch.device("cpu"))
@@ -78,6 +78,11 @@ def test_beam_search_buffers_give_the_plain_results():
             torch.testing.assert_close(project(hidden[:rows]), m.logits(hidden[:rows]), rtol=0, atol=1e-12)
     logits = torch.randn(300, 11, dtype=torch.float64)
     torch.testing.assert_close(logsumexp_rows(logits), logits.logsumexp(dim=1, keepdim=True), rtol=0, atol=1e-12)
+    # float32 rows as beam search has them: wide, with a large spread, one row of equal values
+    logits = torch.randn(100, 8000, generator=torch.Generator().manual_seed(0)) * 5
+    logits[3] = 7.0
+    exact = logits.double().logsumexp(dim=1, keepdim=True)
+    torch.testing.assert_close(logsumexp_rows(logits).double(), exact, rtol=4e-7, atol=0)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
