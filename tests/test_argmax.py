@@ -1,10 +1,10 @@
-"""``argmax_rows`` and ``topk_rows`` (transformer/fast/decoding.py) against ``torch.argmax``
+"""``argmax_rows`` and ``best_extensions`` (transformer/fast/decoding.py) against ``torch.argmax``
 and ``torch.topk``: the same columns (ties and NaNs included) and values, whatever the width."""
 
 import pytest
 import torch
 
-from transformer.fast.decoding import argmax_rows, topk_rows
+from transformer.fast.decoding import argmax_rows, best_extensions
 
 
 @pytest.mark.parametrize("width", [300, 8000, 8003, 1000, 255])
@@ -34,23 +34,32 @@ def test_argmax_rows_of_logits_is_greedy_argmax():
     assert torch.equal(argmax_rows(x), x.argmax(dim=1))
 
 
-@pytest.mark.parametrize("width", [8000, 8003, 640, 100])
-@pytest.mark.parametrize("k", [1, 10])
-def test_topk_rows_is_topk(width, k):
-    """The same values, largest first, at columns that hold them: with the k largest in
-    one block, spread over blocks, tied, and with -inf columns (padding in beam search)."""
-    g = torch.Generator().manual_seed(width + k)
-    x = torch.randn(40, width, generator=g)
-    x[:, 0] = -torch.inf
-    x[0, 64:64 + k] = 10.0 + torch.arange(k, dtype=x.dtype)  # all in one block
-    x[1, torch.arange(k) * (width // k)] = 10.0  # tied, one a block
-    x[2, -k:] = 20.0  # in the last block
-    x[3, :] = 1.0  # all equal
-    for rows in (x, x[:, 1:], x.double()):
-        values, cols = topk_rows(rows, k)
-        expected = rows.topk(k, dim=1)
-        assert torch.equal(values, expected.values)
-        assert torch.equal(rows.gather(1, cols), values)
-        assert all(len(set(c)) == k for c in cols.tolist())  # k different columns
-    random = torch.randn(300, width, generator=g)  # no ties: the very same columns
-    assert torch.equal(topk_rows(random, k)[1], random.topk(k, dim=1).indices)
+@pytest.mark.parametrize("width", [8000, 8003, 2560, 640, 100])
+@pytest.mark.parametrize("n", [1, 10])
+def test_best_extensions_are_topk_over_a_sentences_prefixes(width, n):
+    """The values of ``topk`` over a sentence's k rows side by side, largest first, at
+    prefixes and words that hold them: with the best in one block, spread over blocks and
+    prefixes, tied, with -inf columns (padding) and -inf prefixes (the first step)."""
+    g = torch.Generator().manual_seed(width + n)
+    b, k = 8, 5
+    logits = torch.randn(b * k, width, generator=g)
+    logits[:, 0] = -torch.inf
+    logits[0, 64:64 + n] = 10.0 + torch.arange(n, dtype=logits.dtype)  # all in one block of one prefix
+    logits[5:10, torch.arange(n) * (width // n)] = 10.0  # tied, one a block, on every prefix
+    logits[10, -n:] = 20.0  # in the last block
+    logits[15:20] = 1.0  # all equal
+    scores = -torch.rand(b, k, generator=g) * 5
+    scores[4, 1:] = -torch.inf  # the first step: one live prefix
+    norm = logits[:, 1:].logsumexp(dim=1, keepdim=True)
+    for dtype in (torch.float32, torch.float64):
+        x, s, z = logits.to(dtype), scores.to(dtype), norm.to(dtype)
+        values, prefix, word = best_extensions(x, s, z, n)
+        every = (s.unsqueeze(-1) + (x - z).view(b, k, width)).view(b, k * width)
+        assert torch.equal(values, every.topk(n, dim=1).values)
+        assert torch.equal(every.gather(1, prefix * width + word), values)
+        pairs = (prefix * width + word).tolist()
+        assert all(len(set(p)) == n for p in pairs)  # n different extensions
+    random = torch.randn(b * k, width, generator=g)  # no ties: the very same extensions
+    every = (scores.unsqueeze(-1) + (random - norm).view(b, k, width)).view(b, k * width)
+    _, prefix, word = best_extensions(random, scores, norm, n)
+    assert torch.equal(prefix * width + word, every.topk(n, dim=1).indices)

@@ -127,25 +127,39 @@ def argmax_rows(x: Tensor, block: int = 128) -> Tensor:
     return cols.gather(1, x.gather(1, cols).argmax(1, keepdim=True)).squeeze(1)
 
 
-def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``x.topk(k, dim=1)``: each row's ``k`` largest values, largest first, and their columns.
+def best_extensions(logits: Tensor, scores: Tensor, log_norm: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each sentence's ``n`` best extensions of its k prefixes, best first: the largest
+    ``scores[g, j] + (logits[g·k + j, w] - log_norm[g·k + j])`` over its prefixes j and
+    words w, with their j and w (``n`` at most k·V).
 
-    Each value among the row's k largest is at least the k-th largest, so the k blocks
-    of columns with the largest maxima hold all of them: ``topk`` runs over the blocks'
-    maxima and then over those k blocks' columns, not the whole row (on the CPU, rows of
-    8,000 cost it about 1.7 ns a column). The values are ``topk``'s; among equal values
-    the columns may be others (``topk`` does not say which it returns either). Rows
-    that no block of 16 to 128 columns divides, or too short for k of them to save
-    work, take ``topk`` itself.
+    The same values as each row's ``topk`` followed by the sentence's, found by blocks of
+    32 (or 64) columns: a block's largest logit bounds its columns' values (the sum is
+    monotone in the logit, rounding included), so the n blocks of a sentence with the
+    largest bounds hold its n best, and ``topk`` runs over the sentence's k·V / 32 bounds
+    and then over those n blocks' columns. On the CPU, ``topk`` over all of a row's 8,000
+    columns costs about 1.7 ns a column, and over a sentence's five rows of 250 bounds
+    about 7 times what one row of its 1,250 bounds costs (torch sorts fewer than 64·n
+    columns another way; docs/performance.md). Among equal values the extensions may be
+    others. Rows that no block of 32 or 64 columns divides, or too short for n blocks to
+    save work, take ``topk`` itself.
 
-    Shape: (R, V) -> (R, k), (R, k).
+    Shape: logits (b·k, V), scores (b, k), log_norm (b·k, 1) -> values, prefixes j, words w, each (b, n).
     """
-    rows, n = x.shape
-    # 32 or 64 columns first: torch's amax over blocks of 50, 125 or 250 was 2-3x slower here.
-    block = next((b for b in (32, 64, 16, 128) if n % b == 0 and 4 * k * b <= n), None)
-    if x.device.type != "cpu" or block is None:
-        return x.topk(k, dim=1)
-    blocks = x.reshape(rows, n // block, block).amax(2).topk(k, dim=1).indices  # (R, k)
-    cols = (blocks.unsqueeze(2) * block + torch.arange(block, device=x.device)).view(rows, k * block)
-    values, at = x.gather(1, cols).topk(k, dim=1)
-    return values, cols.gather(1, at)
+    (b, k), vocab = scores.shape, logits.size(1)
+    block = next((c for c in (32, 64) if vocab % c == 0 and 4 * n * c <= vocab), None)
+    if logits.device.type != "cpu" or block is None:
+        width = min(n, vocab)
+        row_logits, row_word = logits.topk(width, dim=1)
+        candidates = (scores.unsqueeze(-1) + (row_logits - log_norm).view(b, k, width)).view(b, k * width)
+        values, at = candidates.topk(min(n, k * width), dim=1)
+        return values, at // width, row_word.view(b, k * width).gather(1, at)
+    maxima = logits.view(b * k, vocab // block, block).amax(2)
+    bounds = (scores.view(b * k, 1) + (maxima - log_norm)).view(b, -1)  # (b, k·V / block)
+    blocks = bounds.topk(n, dim=1).indices
+    # A sentence's k rows side by side, (b, k·V): block i of that row starts at column i·block.
+    cols = (blocks.unsqueeze(2) * block + torch.arange(block, device=logits.device)).view(b, n * block)
+    prefix = cols // vocab
+    row_norm = log_norm.view(b, k).gather(1, prefix)
+    found = scores.gather(1, prefix) + (logits.view(b, k * vocab).gather(1, cols) - row_norm)
+    values, at = found.topk(n, dim=1)
+    return values, prefix.gather(1, at), cols.gather(1, at) % vocab

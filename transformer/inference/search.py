@@ -15,7 +15,7 @@ from torch import Tensor
 
 from transformer.config import check_nbest
 from transformer.data.batching import subsequent_mask, target_mask
-from transformer.fast.decoding import LogitBuffer, argmax_rows, encode_in_pieces, logsumexp_rows, topk_rows
+from transformer.fast.decoding import LogitBuffer, argmax_rows, best_extensions, encode_in_pieces, logsumexp_rows
 from transformer.model.architecture import EncoderDecoder
 
 
@@ -211,19 +211,13 @@ def beam_search(
             out = model.decode(memory, src_mask, tokens, subsequent_mask(tokens.size(1), device=device))
         logits = project(out[:, -1])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (b*k, V)
-        # The best 2k extensions of a sentence are among the best 2k of each of its
-        # rows, so only those are normalised (log_softmax = logits - logsumexp, over
-        # the whole vocabulary as in training) and compared across the sentence's beams.
+        # Only the sentence's best extensions are normalised (log_softmax = logits -
+        # logsumexp, over the whole vocabulary as in training) and compared across its beams.
         log_norm = logsumexp_rows(logits)
         logits[:, pad] = -torch.inf  # padding is never a word
-        b, vocab = len(active), logits.size(-1)
-        width = min(2 * k, vocab)
-        row_logits, row_word = topk_rows(logits, width)  # (b*k, width)
-        row_log_probs = row_logits - log_norm
-        scores = scores.to(row_log_probs.dtype)
-        candidates = (scores.unsqueeze(-1) + row_log_probs.view(b, k, width)).view(b, k * width)
-        top_scores, top_index = candidates.topk(min(2 * k, k * width), dim=1)  # (b, 2k), best first
-        top_beam, top_word = top_index // width, row_word.view(b, k * width).gather(1, top_index)
+        b = len(active)
+        scores = scores.to(logits.dtype)
+        top_scores, top_beam, top_word = best_extensions(logits, scores, log_norm, min(2 * k, k * logits.size(-1)))
         ends = top_word == end_symbol if end_symbol is not None else torch.zeros_like(top_word, dtype=torch.bool)
         # The best k extensions that do not end; stable sorting keeps them best first.
         keep = torch.sort((~ends).to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :k]
