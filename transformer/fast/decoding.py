@@ -153,13 +153,13 @@ def best_extensions(logits: Tensor, scores: Tensor, log_norm: Tensor, n: int) ->
         candidates = (scores.unsqueeze(-1) + (row_logits - log_norm).view(b, k, width)).view(b, k * width)
         values, at = candidates.topk(min(n, k * width), dim=1)
         return values, at // width, row_word.view(b, k * width).gather(1, at)
-    maxima = logits.view(b * k, vocab // block, block).amax(2)
+    maxima = logits.reshape(b * k, vocab // block, block).amax(2)
     bounds = (scores.view(b * k, 1) + (maxima - log_norm)).view(b, -1)  # (b, k·V / block)
     blocks = bounds.topk(n, dim=1).indices
     # A sentence's k rows side by side, (b, k·V): block i of that row starts at column i·block.
     cols = (blocks.unsqueeze(2) * block + torch.arange(block, device=logits.device)).view(b, n * block)
     prefix = cols // vocab
     row_norm = log_norm.view(b, k).gather(1, prefix)
-    found = scores.gather(1, prefix) + (logits.view(b, k * vocab).gather(1, cols) - row_norm)
+    found = scores.gather(1, prefix) + (logits.reshape(b, k * vocab).gather(1, cols) - row_norm)
     values, at = found.topk(n, dim=1)
     return values, prefix.gather(1, at), cols.gather(1, at) % vocab
