@@ -237,7 +237,6 @@ class CTranslate2Translator(SentenceTranslator):
 
         cfg = self.cfg
         nbest = cfg.nbest if nbest is None else nbest
-        check_nbest(nbest, cfg.beam_size)
         results: list[list[Any]] = [[Hypothesis([], math.nan, math.nan, 0)] for _ in sources]
         limits = self._length_limits([len(s) for s in sources])
         greedy = cfg.beam_size == 1
@@ -250,7 +249,7 @@ class CTranslate2Translator(SentenceTranslator):
             patience, pool = 1.0, nbest
         else:
             patience, pool = self.patience, round(cfg.beam_size * self.patience)
-            check_nbest(nbest, cfg.beam_size, patience)
+        check_nbest(nbest, cfg.beam_size, patience)
         # Greedy without scores: one call per batch at its longest limit, each output cut
         # to its own (its score would then be wrong). Otherwise one call per limit.
         by_limit = scores or not greedy
