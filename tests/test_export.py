@@ -339,6 +339,9 @@ def test_the_translator_interface(translation):
     assert greedy.translator is theirs.translator and greedy.cfg.beam_size == 1 and theirs.cfg.beam_size == 3
     assert greedy.translate(lines) == Translator.from_checkpoint(checkpoint, device="cpu", beam_size=1).translate(lines)
     assert theirs.config.model.N == 2 and theirs.model is None
+    for patience in (0, -1.0):  # a config refuses them on loading; here they come as arguments
+        with pytest.raises(ValueError, match="patience must be positive"):
+            theirs.with_decoding(patience=patience)
 
 
 def test_translate_py_switches_engine_with_one_flag(translation, tmp_path):

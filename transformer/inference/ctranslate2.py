@@ -131,7 +131,7 @@ class CTranslate2Translator(SentenceTranslator):
         self.workers = translator.num_translators  # CTranslate2's inter_threads
         self.threads = threads  # its intra_threads, each
         # Beam search collects beam_size · patience finished hypotheses (decode.patience, else 1).
-        self.patience = cfg.patience or 1.0
+        self.patience = 1.0 if cfg.patience is None else cfg.patience
         if not self.patience > 0:
             raise ValueError(f"patience must be positive, got {self.patience}")
         tokens = meta["tokens"]
