@@ -32,6 +32,10 @@ The run goes in --repeat rounds (default 5). A round decodes one part of the
 sentences (a fifth by default) the reference's way, then all of them once with each
 batched decoder. The reference's time is the sum over its parts (every sentence once);
 a batched decoder's is the median of its passes, every pass's seconds printed too.
+Before the rounds each batched decoder makes --warmup passes (default 1), one decoder
+after another, that count nowhere: a decoder's first pass took 1.4-1.6x its later ones
+(oneDNN builds its kernels for the batches' shapes, the heap grows), ours and
+CTranslate2's alike, and with five rounds that one slow pass moved the medians.
 Interleaved so, both sides of each ratio see the same moments of a shared machine; a
 decoder's process waits on a pipe, idle, while the others decode. In one process
 together, the translators slowed each other: our fp32 greedy pass took 1.28-1.37 s
@@ -94,6 +98,8 @@ def main() -> int:
                         help="also decode with the linear layers unpacked (nn.Linear's product), for comparison")
     parser.add_argument("--repeat", type=int, default=5,
                         help="rounds: parts of the reference's way, and passes of each batched decoder (median)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="passes of each batched decoder before the rounds, not timed (default 1)")
     parser.add_argument("--ctranslate2", default="auto",
                         help="CTranslate2 weight types to export and decode, comma-separated (float32, int8, "
                         "int8_float32, bf16), 'none' for no CTranslate2 rows (default 'auto': float32 and int8, "
@@ -101,6 +107,8 @@ def main() -> int:
     parser.add_argument("--ct2-workers", type=int, default=2,
                         help="CTranslate2 inter-threads, each with threads/workers intra-threads (default 2)")
     args = parser.parse_args()
+    if args.warmup < 0:
+        parser.error("--warmup must be 0 or more")
     keep_freed_memory(one_arena=True)  # as translate.py does
 
     data = resolve_data_dir(args.data_dir)
@@ -141,6 +149,10 @@ def main() -> int:
         pipes.append(mine)
     decoders = [(name, pipe, pipe.recv()) for (name, _), pipe in zip(specs, pipes)]  # with its settings in words
     print(f"{'decoding':<34} {'seconds':>8} {'sent/s':>8} {'tok/s':>8} {'speed-up':>9} {'BLEU':>6}  settings")
+    for _, pipe, _ in decoders[1:]:  # the reference's way: its parts are one pass in all
+        for _ in range(args.warmup):
+            pipe.send((0, len(sources)))
+            pipe.recv()
     rounds = max(1, args.repeat)
     passes: dict[str, list[tuple[float, list[list[int]], int]]] = {name: [] for name, _, _ in decoders}
     for r in range(rounds):
