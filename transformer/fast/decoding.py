@@ -148,10 +148,10 @@ def best_extensions(logits: Tensor, scores: Tensor, log_norm: Tensor, n: int) ->
     (b, k), vocab = scores.shape, logits.size(1)
     block = next((c for c in (32, 64) if vocab % c == 0 and 4 * n * c <= vocab), None)
     if logits.device.type != "cpu" or block is None:
-        width = min(n, vocab)
+        width = min(n, vocab)  # a row's best n, which k rows of them always outnumber (n <= k·V)
         row_logits, row_word = logits.topk(width, dim=1)
         candidates = (scores.unsqueeze(-1) + (row_logits - log_norm).view(b, k, width)).view(b, k * width)
-        values, at = candidates.topk(min(n, k * width), dim=1)
+        values, at = candidates.topk(n, dim=1)
         return values, at // width, row_word.view(b, k * width).gather(1, at)
     maxima = logits.reshape(b * k, vocab // block, block).amax(2)
     bounds = (scores.view(b * k, 1) + (maxima - log_norm)).view(b, -1)  # (b, k·V / block)
